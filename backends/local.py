@@ -1,0 +1,78 @@
+"""The local backend: SageMaker's training and hosting contracts on this machine, with no AWS
+account and no Docker. Training jobs are local processes, endpoints are local HTTP servers,
+and S3 is a directory (``LocalStore``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from backends.base import (
+    Backend,
+    BackendError,
+    EndpointInfo,
+    EndpointSpec,
+    LogCallback,
+    TrainingResult,
+    TrainingSpec,
+)
+from backends.local_endpoints import LocalEndpoints
+from backends.local_store import LocalStore
+from backends.local_training import LocalTrainingJobs
+from backends.settings import ENTRY_POINT, SOURCE_DIR, state_dir
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, root: Path | None = None, python: str = sys.executable,
+                 deploy_timeout_seconds: float = 120.0) -> None:
+        self.root = Path(root) if root else state_dir()
+        self.store = LocalStore(self.root / "store")
+        self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR, ENTRY_POINT,
+                                      python=python)
+        self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
+                                        entry_point=ENTRY_POINT,
+                                        deploy_timeout_seconds=deploy_timeout_seconds)
+
+    def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
+        report = self.store.upload_dir(Path(local_dir), "data")
+        if on_log:
+            on_log(f"uploaded {report.uploaded} files ({report.bytes_uploaded / 1e6:.1f} MB), "
+                   f"skipped {report.skipped} unchanged, removed {report.removed} to {report.uri}")
+        return report.uri
+
+    def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
+        return self.jobs.run(spec, on_log)
+
+    def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
+        return self.endpoints.deploy(spec, on_log)
+
+    def describe_endpoint(self, name: str) -> EndpointInfo | None:
+        return self.endpoints.describe(name)
+
+    def list_endpoints(self) -> list[EndpointInfo]:
+        return [e for e in self.endpoints.list() if e.managed]
+
+    def delete_endpoint(self, name: str) -> bool:
+        return self.endpoints.delete(name)
+
+    def runtime_client(self, endpoint_name: str) -> Any:
+        """boto3's own sagemaker-runtime client, pointed at the endpoint's server. Requests are
+        unsigned: the local server checks no credentials."""
+        info = self.describe_endpoint(endpoint_name)
+        if info is None or info.url is None:
+            raise BackendError(f"endpoint {endpoint_name} does not exist")
+        if info.status != "InService":
+            raise BackendError(f"endpoint {endpoint_name} is {info.status}, not InService")
+        return boto3.client(
+            "sagemaker-runtime", endpoint_url=info.url,
+            region_name=os.environ.get("AWS_REGION", "us-east-1"),
+            config=Config(signature_version=UNSIGNED, retries={"max_attempts": 2}),
+        )

@@ -1,0 +1,120 @@
+"""A directory-backed artifact store with ``file://`` URIs: the local stand-in for S3.
+
+Writes are atomic (temporary file, then rename), and every uploaded directory carries a manifest
+of sha256 hashes so re-uploading unchanged data copies nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+MANIFEST = ".manifest.json"
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_copy(src: Path, dest: Path) -> None:
+    """Copies ``src`` to ``dest`` so that readers see the old file or the whole new one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(dest: Path, text: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def path_from_uri(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise ValueError(f"not a file:// URI: {uri}")
+    return Path(unquote(parsed.path))
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    uri: str
+    uploaded: int
+    skipped: int
+    removed: int
+    bytes_uploaded: int
+
+
+class LocalStore:
+    """Keys map to paths under ``root``; URIs are ``file://`` URLs to those paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"key {key!r} leaves the store")
+        return path
+
+    def uri(self, key: str) -> str:
+        return self.path(key).as_uri()
+
+    def put_file(self, src: Path, key: str) -> str:
+        atomic_copy(src, self.path(key))
+        return self.uri(key)
+
+    def upload_dir(self, src: Path, key: str) -> UploadReport:
+        """Mirrors directory ``src`` at ``key``: copies new or changed files, skips files whose
+        sha256 matches the manifest, removes files that are no longer in ``src``."""
+        src = Path(src)
+        if not src.is_dir():
+            raise FileNotFoundError(f"no directory to upload at {src}")
+        dest = self.path(key)
+        manifest_path = dest / MANIFEST
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            previous = {}
+        current: dict[str, str] = {}
+        uploaded = skipped = nbytes = 0
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = file.relative_to(src).as_posix()
+            digest = sha256_file(file)
+            current[rel] = digest
+            target = dest / rel
+            if previous.get(rel) == digest and target.is_file() \
+                    and target.stat().st_size == file.stat().st_size:
+                skipped += 1
+                continue
+            atomic_copy(file, target)
+            uploaded += 1
+            nbytes += file.stat().st_size
+        removed = 0
+        for rel in set(previous) - set(current):
+            (dest / rel).unlink(missing_ok=True)
+            removed += 1
+        atomic_write_text(manifest_path, json.dumps(current, indent=1, sort_keys=True))
+        return UploadReport(self.uri(key), uploaded, skipped, removed, nbytes)

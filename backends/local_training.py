@@ -1,0 +1,361 @@
+"""Local SageMaker training jobs: the entry script runs unmodified in local processes, one per
+"host", inside an ``/opt/ml``-style directory with the SageMaker environment.
+
+Layout of a job (``<jobs>/<job-name>/``)::
+
+    job.json                 status record, readable from any process (DescribeTrainingJob)
+    training.log             every host's output, line by line
+    algo-1/                  one /opt/ml per host
+        code/                copy of source_dir; the working directory
+        input/config/        hyperparameters.json, resourceconfig.json, inputdataconfig.json
+        input/data/training/ the channel's files
+        model/               SM_MODEL_DIR, packaged as model.tar.gz when the job completes
+        output/data/         SM_OUTPUT_DATA_DIR (metrics.json)
+        output/failure       the reason, when the script fails
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends import processes
+from backends.base import (
+    TRAINING_CHANNEL,
+    BackendError,
+    LogCallback,
+    TrainingJobFailed,
+    TrainingResult,
+    TrainingSpec,
+)
+from backends.local_store import LocalStore, atomic_write_text, path_from_uri
+
+FAILURE_REASON_LIMIT = 1024  # SageMaker truncates FailureReason to 1024 characters
+IGNORED_SOURCE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+
+
+@dataclass
+class JobRecord:
+    """What DescribeTrainingJob would say, persisted as ``job.json``."""
+
+    name: str
+    status: str  # InProgress | Completed | Failed | Stopped
+    secondary_status: str  # Starting | Training | Uploading | Completed | Failed | Stopped...
+    hyperparameters: dict[str, str]
+    data_uri: str
+    instance_type: str
+    instance_count: int
+    max_runtime_seconds: int
+    tags: dict[str, str]
+    created: str
+    started: str | None = None
+    ended: str | None = None
+    billable_seconds: int = 0
+    failure_reason: str | None = None
+    model_uri: str | None = None
+    runner: dict[str, Any] = field(default_factory=dict)  # pid + start time of the runner
+    processes: list[dict[str, Any]] = field(default_factory=list)  # pid + start time per host
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _gpu_count() -> int:
+    """Visible NVIDIA GPUs, without importing torch into the orchestrating process."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+class LocalTrainingJobs:
+    def __init__(self, jobs_root: Path, store: LocalStore, source_dir: Path,
+                 entry_point: str, python: str = sys.executable) -> None:
+        self.jobs_root = Path(jobs_root)
+        self.store = store
+        self.source_dir = Path(source_dir)
+        self.entry_point = entry_point
+        self.python = python
+
+    # -- records -----------------------------------------------------------------------------
+
+    def job_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid training job name {name!r}")
+        return self.jobs_root / name
+
+    def describe(self, name: str) -> JobRecord | None:
+        """The job's record, from any process. An InProgress job whose runner process is gone
+        (killed, crashed) is reported as Failed: its hosts died with it."""
+        path = self.job_dir(name) / "job.json"
+        try:
+            record = JobRecord(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        runner = record.runner
+        if record.status == "InProgress" and not processes.is_running(
+            runner.get("pid"), runner.get("start")
+        ):
+            record.status = record.secondary_status = "Failed"
+            record.failure_reason = "the process running this job died before it finished"
+        return record
+
+    def _save(self, record: JobRecord) -> None:
+        atomic_write_text(self.job_dir(record.name) / "job.json",
+                          json.dumps(asdict(record), indent=2))
+
+    def result(self, record: JobRecord) -> TrainingResult:
+        if record.status != "Completed" or record.model_uri is None:
+            raise TrainingJobFailed(record.name, record.status,
+                                    record.failure_reason or "no model was produced")
+        metrics_file = self.job_dir(record.name) / "algo-1" / "output" / "data" / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        return TrainingResult(
+            job_name=record.name, status=record.status, model_uri=record.model_uri,
+            metrics=metrics, billable_seconds=record.billable_seconds,
+            log_location=str(self.job_dir(record.name) / "training.log"),
+        )
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
+        """Runs the job to the end, or re-attaches to a finished job of the same name."""
+        existing = self.describe(spec.job_name)
+        if existing is not None:
+            if existing.status == "InProgress":
+                raise BackendError(f"training job {spec.job_name} is already running "
+                                   f"in another process")
+            return self.result(existing)  # Completed → its result; Failed/Stopped → raises
+        if spec.instance_count < 1:
+            raise ValueError("instance_count must be >= 1")
+        data_dir = path_from_uri(spec.data_uri)
+        if not data_dir.is_dir():
+            raise BackendError(f"training channel {spec.data_uri} does not exist")
+
+        job_dir = self.job_dir(spec.job_name)
+        job_dir.mkdir(parents=True, exist_ok=False)
+        hyperparameters = {k: str(v) for k, v in spec.hyperparameters.items()}
+        record = JobRecord(
+            name=spec.job_name, status="InProgress", secondary_status="Starting",
+            hyperparameters=hyperparameters, data_uri=spec.data_uri,
+            instance_type=spec.instance_type, instance_count=spec.instance_count,
+            max_runtime_seconds=spec.max_runtime_seconds, tags=dict(spec.tags), created=_now(),
+            runner={"pid": os.getpid(), "start": processes.start_time(os.getpid())},
+        )
+        self._save(record)
+        emit = on_log or (lambda line: None)
+        hosts = [f"algo-{i + 1}" for i in range(spec.instance_count)]
+        master_port = processes.free_port()
+        for host in hosts:
+            self._materialise_host(job_dir / host, data_dir, hyperparameters, hosts, host, spec)
+
+        lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        procs: dict[str, subprocess.Popen] = {}
+        log_file = open(job_dir / "training.log", "a", buffering=1)  # noqa: SIM115
+        started = time.monotonic()
+        try:
+            record.started, record.secondary_status = _now(), "Training"
+            for host in hosts:
+                proc = subprocess.Popen(
+                    [self.python, self.entry_point, *self._cli_args(hyperparameters)],
+                    cwd=job_dir / host / "code",
+                    env=self._environment(job_dir / host, hyperparameters, hosts, host,
+                                          master_port, spec),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    errors="replace", start_new_session=True,
+                    preexec_fn=processes.die_with_parent_preexec(),
+                )
+                procs[host] = proc
+                record.processes.append({"host": host, "pid": proc.pid,
+                                         "start": processes.start_time(proc.pid)})
+                threading.Thread(target=_pump, args=(proc, host, lines), daemon=True).start()
+            self._save(record)
+            status, reason = self._wait(job_dir, procs, lines, started, spec, log_file, emit)
+        except BaseException as e:  # interrupted or cancelled: never leave the job running
+            for proc in procs.values():
+                processes.terminate_group(proc.pid, None, grace_seconds=5)
+            record.status = record.secondary_status = "Stopped"
+            record.failure_reason = f"stopped: {type(e).__name__}: {e}"
+            record.ended = _now()
+            self._save(record)
+            raise
+        finally:
+            log_file.close()
+
+        elapsed = time.monotonic() - started
+        record.billable_seconds = math.ceil(elapsed) * spec.instance_count
+        record.ended = _now()
+        if status == "Completed":
+            record.secondary_status = "Uploading"
+            self._save(record)
+            record.model_uri = self._package_model(job_dir / "algo-1" / "model", spec.job_name)
+        record.status = record.secondary_status = status
+        record.failure_reason = reason
+        self._save(record)
+        return self.result(record)
+
+    def _wait(self, job_dir: Path, procs: dict[str, subprocess.Popen], lines: queue.Queue,
+              started: float, spec: TrainingSpec, log_file,
+              emit: LogCallback) -> tuple[str, str | None]:
+        """Forwards log lines (on this thread, so callbacks need no locking) until every host
+        exits, a host fails, or the max runtime passes."""
+        multi_host = len(procs) > 1
+        open_streams = len(procs)
+        while open_streams:
+            try:
+                host, line = lines.get(timeout=0.2)
+            except queue.Empty:
+                host, line = "", ""
+            if line is None:
+                open_streams -= 1
+            elif host:
+                text = f"[{host}] {line}" if multi_host else line
+                log_file.write(text + "\n")
+                emit(text)
+            failed = [h for h, p in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                # One host failed: the others would wait forever at the next all-reduce.
+                for proc in procs.values():
+                    processes.terminate_group(proc.pid, None, grace_seconds=5)
+                _drain(lines, log_file, emit, multi_host)
+                return "Failed", _failure_reason(job_dir, failed[0], procs[failed[0]].returncode)
+            if time.monotonic() - started > spec.max_runtime_seconds:
+                for proc in procs.values():
+                    processes.terminate_group(proc.pid, None, grace_seconds=5)
+                _drain(lines, log_file, emit, multi_host)
+                return "Stopped", (f"MaxRuntimeExceeded: the job ran longer than "
+                                   f"{spec.max_runtime_seconds}s and was stopped")
+        for proc in procs.values():
+            proc.wait()
+        failed = [h for h, p in procs.items() if p.returncode != 0]
+        if failed:
+            return "Failed", _failure_reason(job_dir, failed[0], procs[failed[0]].returncode)
+        return "Completed", None
+
+    # -- job directory -------------------------------------------------------------------
+
+    def _materialise_host(self, root: Path, data_dir: Path, hyperparameters: dict[str, str],
+                          hosts: list[str], host: str, spec: TrainingSpec) -> None:
+        config = root / "input" / "config"
+        config.mkdir(parents=True)
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+        (config / "resourceconfig.json").write_text(json.dumps(
+            {"current_host": host, "hosts": hosts, "network_interface_name": "lo"}, indent=2))
+        (config / "inputdataconfig.json").write_text(json.dumps(
+            {TRAINING_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType":
+                                "FullyReplicated", "RecordWrapperType": "None"}}, indent=2))
+        # File mode: SageMaker copies the channel onto each instance before the script starts.
+        shutil.copytree(data_dir, root / "input" / "data" / TRAINING_CHANNEL,
+                        ignore=shutil.ignore_patterns(".manifest.json"))
+        shutil.copytree(self.source_dir, root / "code", ignore=IGNORED_SOURCE)
+        for sub in ("model", "output/data", "checkpoints"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _environment(self, root: Path, hyperparameters: dict[str, str], hosts: list[str],
+                     host: str, master_port: int, spec: TrainingSpec) -> dict[str, str]:
+        cpus = max(1, (os.cpu_count() or 1) // len(hosts))
+        gpus = _gpu_count()
+        env = dict(os.environ)
+        host_index = hosts.index(host)
+        if gpus >= len(hosts) > 1:  # one GPU per host
+            env["CUDA_VISIBLE_DEVICES"], gpus_here = str(host_index), 1
+        elif len(hosts) > 1:  # hosts share the CPU
+            env["CUDA_VISIBLE_DEVICES"], gpus_here = "", 0
+        else:
+            gpus_here = gpus
+        training_env = {
+            "job_name": spec.job_name, "hosts": hosts, "current_host": host,
+            "channel_input_dirs": {TRAINING_CHANNEL: str(root / "input/data" / TRAINING_CHANNEL)},
+            "hyperparameters": hyperparameters, "model_dir": str(root / "model"),
+            "output_data_dir": str(root / "output/data"), "num_gpus": gpus_here,
+            "num_cpus": cpus, "user_entry_point": self.entry_point,
+        }
+        env.update({
+            "SM_TRAINING_ENV": json.dumps(training_env),
+            "SM_MODEL_DIR": str(root / "model"),
+            "SM_CHANNELS": json.dumps([TRAINING_CHANNEL]),
+            f"SM_CHANNEL_{TRAINING_CHANNEL.upper()}": str(root / "input/data" / TRAINING_CHANNEL),
+            "SM_HOSTS": json.dumps(hosts),
+            "SM_CURRENT_HOST": host,
+            "SM_NUM_GPUS": str(gpus_here),
+            "SM_NUM_CPUS": str(cpus),
+            "SM_INPUT_DIR": str(root / "input"),
+            "SM_INPUT_CONFIG_DIR": str(root / "input/config"),
+            "SM_OUTPUT_DIR": str(root / "output"),
+            "SM_OUTPUT_DATA_DIR": str(root / "output/data"),
+            "SM_HPS": json.dumps(hyperparameters),
+            "SM_USER_ENTRY_POINT": self.entry_point,
+            "SM_NETWORK_INTERFACE_NAME": "lo",
+            # Every local host is a process on this machine: rendezvous on loopback.
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master_port),
+            "GLOO_SOCKET_IFNAME": "lo" if sys.platform.startswith("linux") else "lo0",
+            "OMP_NUM_THREADS": str(cpus),
+            "PYTHONUNBUFFERED": "1",
+        })
+        for key, value in hyperparameters.items():
+            env[f"SM_HP_{key.upper().replace('-', '_')}"] = value
+        return env
+
+    @staticmethod
+    def _cli_args(hyperparameters: dict[str, str]) -> list[str]:
+        args: list[str] = []
+        for key, value in hyperparameters.items():
+            args += [f"--{key}", value]
+        return args
+
+    def _package_model(self, model_dir: Path, job_name: str) -> str:
+        """model/ → model.tar.gz in the store, where SageMaker would put it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "model.tar.gz"
+            with tarfile.open(archive, "w:gz") as tar:
+                for item in sorted(model_dir.iterdir()):
+                    tar.add(item, arcname=item.name)
+            return self.store.put_file(archive, f"training-jobs/{job_name}/output/model.tar.gz")
+
+
+def _failure_reason(job_dir: Path, host: str, returncode: int | None) -> str:
+    """The script's own reason (output/failure), as SageMaker reports it, else the exit code."""
+    failure = job_dir / host / "output" / "failure"
+    text = failure.read_text().strip() if failure.is_file() else ""
+    if not text:
+        text = f"AlgorithmError: {host} exited with code {returncode} and wrote no reason"
+    return text[:FAILURE_REASON_LIMIT]
+
+
+def _pump(proc: subprocess.Popen, host: str, lines: queue.Queue) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put((host, line.rstrip("\n")))
+    lines.put((host, None))
+
+
+def _drain(lines: queue.Queue, log_file, emit: LogCallback, multi_host: bool) -> None:
+    """Forwards what the stopped processes printed last."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            host, line = lines.get(timeout=0.1)
+        except queue.Empty:
+            return
+        if line is not None:
+            text = f"[{host}] {line}" if multi_host else line
+            log_file.write(text + "\n")
+            emit(text)

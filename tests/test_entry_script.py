@@ -1,0 +1,165 @@
+"""The SageMaker entry script, run the way SageMaker runs it: a subprocess with the SageMaker
+environment and ``--key value`` hyperparameters."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ENTRY_SCRIPT, run_entry_script, sagemaker_env
+
+
+def import_handlers(code_dir: Path):
+    """Imports the inference code the way a serving container would: from model/code/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shipped_cifar10", code_dir / "cifar10.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_dir):
+    """One tutorial-network training run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("opt_ml")
+    env = sagemaker_env(root, cifar_dir.parent)
+    result = run_entry_script(["--epochs", "2", "--batch-size", "16", "--lr", "0.02"], env, root)
+    return root, result
+
+
+def test_training_produces_a_hostable_model(trained, cifar_dir):
+    root, result = trained
+    assert result.returncode == 0, result.stderr
+    model_dir = root / "model"
+    assert (model_dir / "model.pth").is_file()
+    meta = json.loads((model_dir / "model_meta.json").read_text())
+    assert meta["architecture"] == "tutorial"
+    assert meta["classes"][:2] == ["plane", "car"]
+    assert len(meta["mean"]) == len(meta["std"]) == 3
+    # The inference code travels inside the artifact and loads the model by itself.
+    handlers = import_handlers(model_dir / "code")
+    model = handlers.model_fn(str(model_dir))
+    assert not model.training
+    import pickle
+
+    with open(cifar_dir / "test_batch", "rb") as f:
+        test = pickle.load(f, encoding="bytes")
+    images = test[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255
+    logits = handlers.predict_fn(handlers.input_fn(_npy(images), "application/x-npy"), model)
+    assert logits.shape == (len(images), 10)
+    accuracy = (logits.argmax(1) == np.array(test[b"labels"])).mean()
+    assert accuracy > 0.5  # the generated classes are easy; chance is 0.1
+
+
+def test_metrics_are_scrapable_and_saved(trained):
+    root, result = trained
+    # SageMaker metric definitions scrape name=value; pairs from the log.
+    losses = re.findall(r"train_loss=([0-9.]+);", result.stdout)
+    assert len(losses) == 2
+    assert re.search(r"test_accuracy=([0-9.]+);", result.stdout)
+    metrics = json.loads((root / "output/data/metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][1]["train_loss"] < metrics["history"][0]["train_loss"]
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+    assert metrics["batch_size"] == 16 and metrics["lr"] == 0.02
+
+
+def test_stronger_preset_trains(tmp_path, cifar_dir):
+    env = sagemaker_env(tmp_path, cifar_dir)
+    result = run_entry_script(["--model", "airbench", "--epochs", "2", "--batch-size", "128"],
+                              env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "output/data/metrics.json").read_text())
+    assert metrics["model"] == "airbench" and len(metrics["history"]) == 2
+    handlers = import_handlers(tmp_path / "model" / "code")
+    model = handlers.model_fn(str(tmp_path / "model"))
+    assert model.flip_tta
+    # The whitening stem is set from the data in +/- pairs and stays frozen during training.
+    stem = model.body.stem.weight
+    torch.testing.assert_close(stem[:12], -stem[12:])
+
+
+def test_missing_data_fails_with_reason(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = sagemaker_env(tmp_path, empty)
+    result = run_entry_script(["--epochs", "1"], env, tmp_path)
+    assert result.returncode != 0
+    reason = (tmp_path / "output" / "failure").read_text()
+    assert reason.startswith("FileNotFoundError: no CIFAR-10 batches")
+    assert not (tmp_path / "model" / "model.pth").exists()
+
+
+def test_failure_file_beside_model_dir_without_sagemaker(tmp_path, cifar_dir):
+    corrupt = tmp_path / "data"
+    corrupt.mkdir()
+    (corrupt / "data_batch_1").write_bytes(b"not a pickle")
+    (corrupt / "test_batch").write_bytes(b"not a pickle")
+    env = {k: v for k, v in sagemaker_env(tmp_path, corrupt).items()
+           if not k.startswith("SM_")}
+    result = run_entry_script(["--data-dir", str(corrupt), "--model-dir",
+                               str(tmp_path / "run" / "model")], env, tmp_path)
+    assert result.returncode == 1
+    reason = (tmp_path / "run" / "failure").read_text()
+    assert "not a CIFAR-10 python batch file" in reason
+
+
+def test_batch_files_cannot_run_code(tmp_path):
+    """A tampered batch file with a pickled callable is refused, not executed."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        (data / name).write_bytes(pickle.dumps({b"data": Exploit(), b"labels": [0]}))
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    try:
+        import cifar10
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match="refusing to load"):
+        cifar10.load_cifar10(data)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_help_runs_without_sagemaker_environment(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    result = run_entry_script(["--help"], env, tmp_path)
+    assert result.returncode == 0
+    for option in ("--epochs", "--batch-size", "--lr", "--momentum", "--model", "--seed",
+                   "--workers", "--dist-backend", "--hosts", "--current-host", "--num-gpus"):
+        assert option in result.stdout
+
+
+def test_reads_any_well_formed_batch_directory(tmp_path):
+    """Not only the official md5-identical files: the batch dir may sit one level down."""
+    from tests.synthetic import make_cifar_dir
+
+    batch_dir = make_cifar_dir(tmp_path / "nested", train_batches=3, per_batch=20, test=10)
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    try:
+        import cifar10
+    finally:
+        sys.path.pop(0)
+    data = cifar10.load_cifar10(batch_dir.parent)
+    assert data["train_x"].shape == (60, 3, 32, 32) and data["train_x"].dtype == torch.uint8
+    assert data["test_y"].shape == (10,) and data["test_y"].dtype == torch.int64
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

@@ -1,0 +1,156 @@
+"""The inference handlers: wire formats in and out, and the errors bad payloads raise."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ENTRY_SCRIPT
+
+sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+import cifar10
+
+sys.path.pop(0)
+
+
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A freshly initialised tutorial model saved the way training saves it."""
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = cifar10.build_model("tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    cifar10.save_model(model, directory, "tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return cifar10.model_fn(str(model_dir))
+
+
+IMAGES = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+
+
+def test_npy_round_trip(model):
+    batch = cifar10.input_fn(npy(IMAGES), "application/x-npy")
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, 32, 32)
+    logits = cifar10.predict_fn(batch, model)
+    body, content_type = cifar10.output_fn(logits, "application/x-npy")
+    assert content_type == "application/x-npy"
+    decoded = np.load(io.BytesIO(body), allow_pickle=False)
+    assert decoded.shape == (4, 10) and decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, logits)
+
+
+def test_json_round_trip_matches_npy(model):
+    via_npy = cifar10.predict_fn(cifar10.input_fn(npy(IMAGES), "application/x-npy"), model)
+    # The SageMaker toolkit hands JSON bodies over as text.
+    batch = cifar10.input_fn(json.dumps(IMAGES.tolist()), "application/json; charset=utf-8")
+    logits = cifar10.predict_fn(batch, model)
+    body, content_type = cifar10.output_fn(logits, "application/json")
+    assert content_type == "application/json"
+    np.testing.assert_allclose(np.array(json.loads(body)), via_npy, rtol=1e-5, atol=1e-5)
+    wrapped = cifar10.input_fn(json.dumps({"instances": IMAGES.tolist()}), "application/json")
+    assert torch.equal(wrapped, batch)
+
+
+def test_uint8_pixels_and_single_images(model):
+    pixels = (IMAGES * 255).round().astype(np.uint8)
+    batch = cifar10.input_fn(npy(pixels), "application/x-npy")
+    np.testing.assert_allclose(batch.numpy(), pixels / 255, atol=1e-6)
+    single = cifar10.input_fn(npy(IMAGES[0]), "application/x-npy")
+    assert single.shape == (1, 3, 32, 32)
+    float64 = cifar10.input_fn(npy(IMAGES.astype(np.float64)), "application/x-npy")
+    assert float64.dtype == torch.float32
+
+
+def test_predict_is_eval_mode_without_grad(model):
+    model.train()
+    logits = cifar10.predict_fn(torch.from_numpy(IMAGES), model)
+    assert not model.training
+    assert isinstance(logits, np.ndarray)
+    again = cifar10.predict_fn(torch.from_numpy(IMAGES), model)
+    np.testing.assert_array_equal(logits, again)
+
+
+@pytest.mark.parametrize("accept, expected", [
+    (None, "application/json"),
+    ("*/*", "application/json"),
+    ("application/x-npy, application/json", "application/x-npy"),
+    ("text/csv, application/json;q=0.9", "application/json"),
+])
+def test_accept_negotiation(accept, expected):
+    _, content_type = cifar10.output_fn(np.zeros((1, 10), np.float32), accept)
+    assert content_type == expected
+
+
+def test_unanswerable_accept_is_406():
+    with pytest.raises(cifar10.NotAcceptable) as err:
+        cifar10.output_fn(np.zeros((1, 10), np.float32), "text/csv")
+    assert err.value.status_code == 406
+
+
+@pytest.mark.parametrize("body, content_type, message", [
+    (npy(IMAGES), "text/csv", "not supported"),
+    (npy(IMAGES), "", "not supported"),
+    (b"\x00garbage", "application/x-npy", "not a valid .npy"),
+    (npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "application/x-npy",
+     "pickled Python objects"),
+    (npy(np.zeros((2, 32, 32, 3), np.float32)), "application/x-npy", "N x 3 x 32 x 32"),
+    (npy(np.zeros((0, 3, 32, 32), np.float32)), "application/x-npy", "N >= 1"),
+    (npy(np.zeros((1, 3, 32, 32), np.int64)), "application/x-npy", "dtype int64"),
+    (npy(np.zeros((1, 3, 32, 32), np.complex64)), "application/x-npy", "dtype complex64"),
+    (npy(np.full((1, 3, 32, 32), np.nan, np.float32)), "application/x-npy", "NaN or infinite"),
+    (npy(np.full((1, 3, 32, 32), np.inf, np.float32)), "application/x-npy", "NaN or infinite"),
+    (b"{not json", "application/json", "not a JSON array"),
+    (b'{"wrong": []}', "application/json", "not a JSON array"),
+    (b'[["a"]]', "application/json", "not a JSON array"),
+    (b"[[1, 2], [3]]", "application/json", "not a JSON array"),
+    (json.dumps([[1.0] * 10]).encode(), "application/json", "N x 3 x 32 x 32"),
+])
+def test_bad_payloads_raise_clear_errors(body, content_type, message):
+    with pytest.raises(cifar10.InferenceError) as err:
+        cifar10.input_fn(body, content_type)
+    assert message in str(err.value)
+    assert err.value.status_code == (415 if "not supported" in message else 400)
+
+
+def test_pickled_npy_payload_never_runs_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    body = npy(np.array([Exploit()], dtype=object), allow_pickle=True)
+    with pytest.raises(cifar10.InvalidPayload):
+        cifar10.input_fn(body, "application/x-npy")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_model_fn_refuses_pickled_code_in_weights(tmp_path, model_dir):
+    """weights_only=True: a model.pth that smuggles a callable is rejected, not executed."""
+    import shutil
+
+    tampered = tmp_path / "model"
+    shutil.copytree(model_dir, tampered)
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    with open(tampered / "model.pth", "wb") as f:
+        pickle.dump({"weights": Exploit()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        cifar10.model_fn(str(tampered))
+    assert not (tmp_path / "pwned").exists()
