@@ -116,3 +116,71 @@ def no_process_left_behind(tmp_path_factory):
     for pid, _ in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory) -> Path:
+    """The directory served by ``http_server``."""
+    return tmp_path_factory.mktemp("www")
+
+
+@pytest.fixture(scope="session")
+def http_log() -> list[str]:
+    """Paths requested from ``http_server``, in order."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root, http_log):
+    """A loopback HTTP server over ``http_root``, for the real download code. A request for
+    ``/cut/<file>`` announces the file's full length but stops halfway (a dropped connection).
+    """
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+        def do_GET(self):
+            http_log.append(self.path)
+            if self.path.startswith("/cut/"):
+                data = (http_root / self.path.removeprefix("/cut/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.connection.close()
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(http_root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball(http_root) -> tuple[str, str]:
+    """(file name, md5) of a generated cifar-10-python.tar.gz served by ``http_server``."""
+    from tests.synthetic import make_cifar_tarball
+
+    md5 = make_cifar_tarball(http_root / "cifar-10-python.tar.gz")
+    return "cifar-10-python.tar.gz", md5
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API on SQLite for the whole session, heartbeats off (each flow
+    call would otherwise wait on the heartbeat thread)."""
+    from prefect.settings import temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield

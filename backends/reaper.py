@@ -1,0 +1,34 @@
+"""The endpoint reaper: deletes pipeline-owned endpoints older than a TTL on any backend,
+catching what a hard-killed run could not tear down."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from backends.base import Backend
+
+
+@dataclass
+class ReapReport:
+    deleted: list[str] = field(default_factory=list)  # or, in a dry run, would be deleted
+    kept: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = False,
+                   now: dt.datetime | None = None) -> ReapReport:
+    """Deletes the backend's pipeline-owned endpoints created more than ``older_than`` ago.
+    Endpoints without the managed-by tag are never listed, so never touched."""
+    now = now or dt.datetime.now(dt.UTC)
+    report = ReapReport(dry_run=dry_run)
+    for endpoint in backend.list_endpoints():
+        if not endpoint.managed:
+            continue
+        if now - endpoint.created >= older_than:
+            if not dry_run:
+                backend.delete_endpoint(endpoint.name)
+            report.deleted.append(endpoint.name)
+        else:
+            report.kept.append(endpoint.name)
+    return report

@@ -1,0 +1,214 @@
+"""``cifar10-pipeline``: run the pipeline, and manage the endpoints it owns."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:  # imported lazily below: --help must not pay for torch and Prefect
+    from backends.base import Backend as BackendClient
+    from flows.config import PipelineConfig
+
+app = typer.Typer(
+    help="Train a CNN on CIFAR-10 and host it as a SageMaker endpoint, orchestrated by Prefect. "
+         "Runs on this machine by default (no AWS account, no Docker); --backend aws uses "
+         "Amazon SageMaker.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+endpoints_app = typer.Typer(help="List, delete and reap endpoints this pipeline created "
+                                 "(tagged managed-by=cifar10-pipeline).",
+                            no_args_is_help=True)
+app.add_typer(endpoints_app, name="endpoints")
+
+Backend = Annotated[str, typer.Option("--backend", help="local or aws")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _backend(name: str, region: str | None = None) -> BackendClient:
+    from backends import get_backend
+    from backends.base import BackendError
+
+    if name not in ("local", "aws"):
+        _fail(f"unknown backend {name!r}; choose local or aws", 2)
+    try:
+        return get_backend(name, region=region) if name == "aws" else get_backend(name)
+    except BackendError as e:
+        _fail(str(e))
+
+
+@app.command()
+def run(
+    backend: Backend = "local",
+    data_url: Annotated[str | None, typer.Option(help="CIFAR-10 python archive URL "
+                                                      "(https://, http://, file://)")] = None,
+    data_md5: Annotated[str | None, typer.Option(help="its md5 (required for mirrors; "
+                                                      "'none' skips the check)")] = None,
+    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~85%)")] = "tutorial",
+    epochs: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: the model preset's")] = None,
+    instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,
+    instance_count: Annotated[int, typer.Option(help="training hosts, data-parallel")] = 1,
+    endpoint_instance_type: Annotated[str | None, typer.Option(help="hosting instance "
+                                                                    "(aws)")] = None,
+    smoke_images: Annotated[int, typer.Option(help="test images sent to the endpoint")] = 64,
+    accuracy_floor: Annotated[float, typer.Option(help="fail under this smoke-test "
+                                                       "accuracy")] = 0.4,
+    keep_endpoint: Annotated[bool, typer.Option(help="leave the endpoint running")] = False,
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
+    bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the run summary as one JSON "
+                                                         "object on stdout")] = False,
+) -> None:
+    """Run the whole pipeline: download, preview, upload, fit, deploy, smoke-predict, delete."""
+    from pydantic import ValidationError
+
+    try:
+        config = _config(locals())
+    except ValidationError as e:
+        _fail("invalid options:\n" + "\n".join(
+            f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), 2)
+    from flows.pipeline import cifar10_pipeline
+
+    state = cifar10_pipeline(config, return_state=True)
+    if not state.is_completed():
+        try:
+            state.result()
+        except Exception as e:
+            _fail(f"run {state.name.lower()}: {e}")
+        _fail(f"run ended {state.name}: {state.message}")
+    summary = state.result()
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    else:
+        _print_summary(summary)
+
+
+def _config(options: dict[str, Any]) -> PipelineConfig:
+    from flows.config import PipelineConfig
+
+    data: dict[str, Any] = {}
+    if options["data_url"]:
+        data["url"] = options["data_url"]
+    if options["data_md5"]:
+        data["md5"] = None if options["data_md5"].lower() == "none" else options["data_md5"]
+    training = {"model": options["model"], "epochs": options["epochs"],
+                "batch_size": options["batch_size"], "learning_rate": options["lr"],
+                "instance_count": options["instance_count"]}
+    if options["instance_type"]:
+        training["instance_type"] = options["instance_type"]
+    endpoint: dict[str, Any] = {"keep": options["keep_endpoint"]}
+    if options["endpoint_instance_type"]:
+        endpoint["instance_type"] = options["endpoint_instance_type"]
+    aws = {k: options[k] for k in ("region", "role_arn", "bucket") if options[k]}
+    return PipelineConfig.model_validate({
+        "backend": options["backend"], "data": data, "training": training,
+        "endpoint": endpoint, "aws": aws,
+        "smoke_test": {"images": options["smoke_images"],
+                       "accuracy_floor": options["accuracy_floor"]},
+    })
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    metrics, smoke = summary["training"]["metrics"], summary["smoke_test"]
+    endpoint = summary["endpoint"]
+    lines = [
+        "",
+        f"run {summary['flow_run_id']} completed on {summary['backend']}",
+        f"  data            {summary['data']['uri']}",
+        f"  model           {summary['training']['model_uri']}",
+        f"  test accuracy   {metrics.get('test_accuracy', 0):.4f} "
+        f"({metrics.get('model')} network, {metrics.get('epochs')} epochs)",
+        f"  smoke test      {smoke['accuracy']:.3f} on {smoke['images']} images "
+        f"(floor {smoke['accuracy_floor']})",
+        f"  endpoint        {endpoint['name']} "
+        f"({'kept at ' + str(endpoint['url']) if endpoint['kept'] else 'deleted'})",
+        f"  billable        {summary['training']['billable_seconds']} training seconds, "
+        f"estimated ${summary['cost']['usd']:.4f}",
+        "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["stages"].items()),
+    ]
+    typer.echo("\n".join(lines))
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90s', '30m', '2h', '1d' → timedelta."""
+    match = DURATION.match(text.strip().lower())
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30m, 2h or 1d")
+    value, unit = float(match.group(1)), match.group(2)
+    return dt.timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours",
+                            "d": "days"}[unit]: value})
+
+
+@endpoints_app.command("list")
+def list_endpoints(
+    backend: Backend = "local",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+) -> None:
+    """Pipeline-owned endpoints with their status, age and owner."""
+    endpoints = _backend(backend, region).list_endpoints()
+    now = dt.datetime.now(dt.UTC)
+    rows = [{"name": e.name, "status": e.status, "created": e.created.isoformat(),
+             "age_minutes": round((now - e.created).total_seconds() / 60, 1),
+             "owner": e.tags.get("owner", ""), "url": e.url} for e in endpoints]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo("no pipeline-owned endpoints")
+        return
+    for row in rows:
+        typer.echo(f"{row['name']:<24} {row['status']:<10} {row['age_minutes']:>8.1f} min  "
+                   f"{row['owner']}  {row['url'] or ''}")
+
+
+@endpoints_app.command("delete")
+def delete(
+    name: Annotated[str, typer.Argument(help="endpoint name")],
+    backend: Backend = "local",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+) -> None:
+    """Delete an endpoint with its config and model (a missing one is not an error)."""
+    deleted = _backend(backend, region).delete_endpoint(name)
+    typer.echo(f"{name}: {'deleted' if deleted else 'not found (nothing to delete)'}")
+
+
+@endpoints_app.command()
+def reap(
+    older_than: Annotated[str, typer.Option(help="age, e.g. 30m, 2h, 1d")],
+    backend: Backend = "local",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="only say what would be deleted")] = False,
+) -> None:
+    """Delete pipeline-owned endpoints older than a TTL (what a crashed run left behind)."""
+    from backends.reaper import reap_endpoints
+
+    ttl = parse_duration(older_than)
+    report = reap_endpoints(_backend(backend, region), ttl, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for name in report.deleted:
+        typer.echo(f"{verb} {name}")
+    typer.echo(f"{len(report.deleted)} {verb}, {len(report.kept)} younger than {older_than} "
+               f"kept")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The pipeline's parameters: one typed config, validated by Prefect when a run is created
+and shown as a form in the Prefect UI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends import get_backend
+from backends.base import Backend
+from backends.settings import state_dir
+from tasks.download import DEFAULT_MD5, DEFAULT_URL
+
+MODELS = ("tutorial", "airbench")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt parameter is an error, not ignored
+
+
+class DataSettings(_Section):
+    url: str = Field(DEFAULT_URL, description="CIFAR-10 python archive: https://, http:// or "
+                                              "file:// (mirrors welcome)")
+    md5: str | None = Field(DEFAULT_MD5, pattern=r"^[0-9a-fA-F]{32}$",
+                            description="expected md5 of the archive; set it for a mirror, "
+                                        "null skips the check")
+    preview_images: int = Field(32, ge=1, le=64, description="images in the preview grid")
+
+
+class TrainingSettings(_Section):
+    model: Literal["tutorial", "airbench"] = Field(
+        "tutorial", description="tutorial: the seed notebook's network (fast, ~60%); "
+                                "airbench: the stronger preset (~85% in ~9 min on 2 CPUs)")
+    epochs: int | None = Field(None, ge=1, le=1000, description="unset: the preset's value")
+    batch_size: int | None = Field(None, ge=1, le=8192, description="images per step per host")
+    learning_rate: float | None = Field(None, gt=0, le=10)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    instance_type: str = Field("ml.m5.xlarge", description="SageMaker training instance "
+                                                           "(ignored by the local backend)")
+    instance_count: int = Field(1, ge=1, le=16, description="hosts training data-parallel")
+    max_runtime_minutes: int = Field(60, ge=1, le=5 * 24 * 60)
+
+    def hyperparameters(self) -> dict[str, str | int | float]:
+        """What the entry script receives as ``--key value`` arguments."""
+        chosen = {"model": self.model, "epochs": self.epochs, "batch-size": self.batch_size,
+                  "lr": self.learning_rate, "momentum": self.momentum, "seed": self.seed}
+        return {k: v for k, v in chosen.items() if v is not None}
+
+
+class EndpointSettings(_Section):
+    instance_type: str = Field("ml.m5.large", description="SageMaker hosting instance "
+                                                          "(ignored by the local backend)")
+    instance_count: int = Field(1, ge=1, le=10)
+    keep: bool = Field(False, description="keep the endpoint after the run (it is deleted "
+                                          "otherwise, even when the run fails)")
+
+
+class SmokeTestSettings(_Section):
+    images: int = Field(64, ge=1, le=10_000, description="test images sent to the endpoint")
+    accuracy_floor: float = Field(0.4, ge=0, le=1, description="fail the run under this "
+                                                               "accuracy on those images")
+
+
+class AwsSettings(_Section):
+    region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
+    role_arn: str | None = Field(None, description="SageMaker execution role; default: "
+                                                   "SAGEMAKER_ROLE_ARN")
+    bucket: str | None = Field(None, description="default: SAGEMAKER_BUCKET, else the "
+                                                 "SageMaker default bucket")
+    prefix: str = Field("cifar10-pipeline", description="S3 key prefix for data and models")
+
+
+class PipelineConfig(_Section):
+    backend: Literal["local", "aws"] = Field(
+        "local", description="local: this machine, no AWS or Docker; aws: Amazon SageMaker")
+    data: DataSettings = DataSettings()
+    training: TrainingSettings = TrainingSettings()
+    endpoint: EndpointSettings = EndpointSettings()
+    smoke_test: SmokeTestSettings = SmokeTestSettings()
+    aws: AwsSettings = AwsSettings()
+
+    def instance_types(self) -> tuple[str, str]:
+        """(training, hosting) instance types; the local backend runs on this machine."""
+        if self.backend == "local":
+            return "local", "local"
+        return self.training.instance_type, self.endpoint.instance_type
+
+
+def make_backend(config: PipelineConfig) -> Backend:
+    if config.backend == "aws":
+        return get_backend("aws", **config.aws.model_dump())
+    return get_backend("local")
+
+
+def data_root() -> str:
+    """Where downloaded datasets live: the state directory's ``data/``."""
+    return str(state_dir() / "data")

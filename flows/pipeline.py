@@ -1,0 +1,125 @@
+"""The CIFAR-10 pipeline as one Prefect flow:
+
+download → preview → upload → fit → deploy → smoke-predict → delete endpoint.
+
+The endpoint is deleted in ``finally`` (success or failure) and again by the cancellation and
+crash hooks, unless ``endpoint.keep`` is set; what a hard kill skips, the reaper catches later.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from prefect import Flow, State, flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.runtime import flow_run as current_flow_run
+
+from backends.base import EndpointSpec, TrainingSpec, managed_tags
+from flows.config import PipelineConfig, data_root, make_backend
+from tasks.data import download_data, preview_data
+from tasks.endpoint import delete_endpoint, deploy, smoke_predict
+from tasks.reporting import logger
+from tasks.summary import publish_summary
+from tasks.training import fit, upload_data
+
+
+def resource_name(run_id: str) -> str:
+    """Training job and endpoint name for a flow run: deterministic, so a retried task finds
+    the job its first attempt started, and a hook in another process finds the endpoint."""
+    return f"cifar10-{run_id.replace('-', '')[:12]}"
+
+
+def _run_name() -> str:
+    config = PipelineConfig.model_validate(current_flow_run.parameters.get("config") or {})
+    return f"{config.backend}-{config.training.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def teardown_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Cancellation/crash hook: deletes this run's endpoint. It may run in another process
+    (the runner), so everything is rebuilt from the run's parameters and id."""
+    config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    if config.endpoint.keep:
+        return
+    name = resource_name(str(flow_run.id))
+    deleted = make_backend(config).delete_endpoint(name)
+    logger().info("teardown hook (%s): endpoint %s %s", state.name, name,
+                  "deleted" if deleted else "was already gone")
+
+
+@contextmanager
+def stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
+
+
+@flow(name="cifar10-pipeline", flow_run_name=_run_name, log_prints=True,
+      on_cancellation=[teardown_endpoint], on_crashed=[teardown_endpoint])
+def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
+    """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down."""
+    backend = make_backend(config)
+    run_id = str(current_flow_run.id or uuid.uuid4())
+    name = resource_name(run_id)
+    tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
+    timings: dict[str, float] = {}
+    training_instance, hosting_instance = config.instance_types()
+
+    with stage(timings, "download"):
+        dataset = download_data(config.data.url, config.data.md5, data_root())
+    with stage(timings, "preview"):
+        preview_data(dataset, config.data.preview_images)
+    with stage(timings, "upload"):
+        data_uri = upload_data(backend, dataset)
+    with stage(timings, "fit"):
+        training = fit(backend, TrainingSpec(
+            job_name=name, data_uri=data_uri,
+            hyperparameters=config.training.hyperparameters(),
+            instance_type=training_instance,
+            instance_count=config.training.instance_count,
+            max_runtime_seconds=config.training.max_runtime_minutes * 60, tags=tags,
+        ))
+
+    endpoint = None
+    try:
+        with stage(timings, "deploy"):
+            endpoint = deploy(backend, EndpointSpec(
+                name=name, model_uri=training.model_uri,
+                instance_type=hosting_instance,
+                instance_count=config.endpoint.instance_count, tags=tags,
+            ))
+        with stage(timings, "smoke_predict"):
+            smoke = smoke_predict(backend, name, dataset, config.smoke_test.images,
+                                  config.smoke_test.accuracy_floor)
+    finally:
+        if not config.endpoint.keep:
+            with stage(timings, "delete_endpoint"):
+                delete_endpoint(backend, name)
+
+    summary = {
+        "flow_run_id": run_id,
+        "backend": backend.name,
+        "stages": timings,
+        "data": {"url": dataset.url, "md5": dataset.md5, "reused": dataset.reused,
+                 "path": dataset.path, "uri": data_uri},
+        "training": {"job_name": training.job_name, "model_uri": training.model_uri,
+                     "billable_seconds": training.billable_seconds,
+                     "instance_type": training_instance,
+                     "instance_count": config.training.instance_count,
+                     "metrics": training.metrics},
+        "smoke_test": asdict(smoke),
+        "endpoint": {"name": name, "url": endpoint.url,
+                     "instance_type": hosting_instance,
+                     "instance_count": config.endpoint.instance_count,
+                     "kept": config.endpoint.keep,
+                     "uptime_seconds": None if config.endpoint.keep else round(
+                         timings["deploy"] + timings["smoke_predict"]
+                         + timings["delete_endpoint"], 1)},
+    }
+    return publish_summary(summary)

@@ -1,0 +1,30 @@
+"""The endpoint reaper as a Prefect flow, for a schedule (see deployments/)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from prefect import flow
+from pydantic import Field
+
+from backends.reaper import reap_endpoints
+from flows.config import AwsSettings, PipelineConfig, make_backend
+from tasks.reporting import logger
+
+
+@flow(name="cifar10-endpoint-reaper", log_prints=True)
+def reap_endpoints_flow(
+    backend: Literal["local", "aws"] = "local",
+    older_than_minutes: int = Field(120, ge=1, description="delete endpoints older than this"),
+    dry_run: bool = False,
+    aws: AwsSettings = AwsSettings(),  # noqa: B008
+) -> dict:
+    """Deletes pipeline-owned endpoints (tagged managed-by=cifar10-pipeline) older than the
+    TTL: what a crashed or killed run could not tear down."""
+    target = make_backend(PipelineConfig(backend=backend, aws=aws))
+    report = reap_endpoints(target, dt.timedelta(minutes=older_than_minutes), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    logger().info("%s %d endpoint(s) older than %d min: %s; kept %d", verb, len(report.deleted),
+                  older_than_minutes, ", ".join(report.deleted) or "none", len(report.kept))
+    return {"deleted": report.deleted, "kept": report.kept, "dry_run": dry_run}

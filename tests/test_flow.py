@@ -1,0 +1,149 @@
+"""The whole flow on the local backend, on generated data served over loopback HTTP (the real
+download code): every stage, the artifacts, guaranteed teardown, the cached download."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.local import LocalBackend
+from flows.config import PipelineConfig
+from flows.pipeline import cifar10_pipeline, resource_name
+from tests.conftest import FAST_HYPERPARAMETERS
+
+ARTIFACT_KEYS = {"cifar10-preview", "cifar10-training-metrics", "cifar10-training-progress",
+                 "cifar10-predictions", "cifar10-per-class-accuracy", "cifar10-run-summary"}
+
+
+def config_for(http_server: str, cifar_tarball: tuple[str, str], **overrides) -> PipelineConfig:
+    name, md5 = cifar_tarball
+    training = {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
+                "batch_size": FAST_HYPERPARAMETERS["batch-size"]}
+    return PipelineConfig.model_validate({
+        "data": {"url": f"{http_server}/{name}", "md5": md5},
+        "training": training,
+        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
+        **overrides,
+    })
+
+
+def artifacts_of(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a for a in asyncio.run(read())}
+
+
+def assert_no_endpoint_left(run_id) -> None:
+    backend = LocalBackend()
+    assert backend.describe_endpoint(resource_name(str(run_id))) is None
+    assert backend.list_endpoints() == []
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, http_server, cifar_tarball, http_log):
+    before = len(http_log)
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    return state, http_log[before:]
+
+
+def test_flow_runs_every_stage_and_tears_down(first_run):
+    state, requests = first_run
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+                                       "smoke_predict", "delete_endpoint"]
+    assert requests == ["/cifar-10-python.tar.gz"]  # downloaded once, over HTTP
+    assert summary["data"]["reused"] is False
+    assert summary["training"]["metrics"]["test_accuracy"] > 0.5
+    assert summary["training"]["model_uri"].endswith("output/model.tar.gz")
+    assert summary["smoke_test"]["images"] == 100
+    assert summary["smoke_test"]["accuracy"] >= 0.5
+    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
+    assert summary["endpoint"]["kept"] is False
+    assert summary["cost"]["usd"] == 0.0
+    assert_no_endpoint_left(state.state_details.flow_run_id)
+
+
+def test_flow_publishes_its_artifacts(first_run):
+    state, _ = first_run
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    assert set(artifacts) >= ARTIFACT_KEYS
+    for key in ("cifar10-preview", "cifar10-predictions"):
+        assert "](data:image/png;base64," in artifacts[key].data
+    assert "model artifact" in artifacts["cifar10-run-summary"].data
+    assert artifacts["cifar10-training-progress"].data == 100.0
+
+
+def test_second_run_reuses_the_cached_download(first_run, prefect_harness, http_server,
+                                               cifar_tarball, http_log):
+    before = len(http_log)
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["data"]["reused"] is True
+    assert http_log[before:] == []  # no request reached the server
+
+
+def test_failure_in_smoke_predict_still_deletes_the_endpoint(
+        prefect_harness, http_server, cifar_tarball, monkeypatch):
+    import tasks.endpoint
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("injected: the endpoint stopped answering")
+
+    monkeypatch.setattr(tasks.endpoint, "invoke_batch", broken)
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConnectionError, match="injected"):
+        state.result()
+    assert_no_endpoint_left(state.state_details.flow_run_id)
+
+
+def test_failure_in_deploy_after_the_endpoint_exists_still_deletes_it(
+        prefect_harness, http_server, cifar_tarball, monkeypatch):
+    original = LocalBackend.deploy
+    created = []
+
+    def deploy_then_fail(self, spec, on_log=None):
+        created.append(original(self, spec, on_log))
+        raise TimeoutError("injected: endpoint created, then the wait timed out")
+
+    monkeypatch.setattr(LocalBackend, "deploy", deploy_then_fail)
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TimeoutError, match="injected"):
+        state.result()
+    assert created and created[0].status == "InService"
+    assert_no_endpoint_left(state.state_details.flow_run_id)
+
+
+def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, cifar_tarball):
+    from tasks.endpoint import AccuracyBelowFloor
+
+    config = config_for(http_server, cifar_tarball,
+                        training={"epochs": 1, "learning_rate": 1e-6})
+    state = cifar10_pipeline(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(AccuracyBelowFloor, match=r"under the accuracy floor 0\.500"):
+        state.result()
+    assert_no_endpoint_left(state.state_details.flow_run_id)
+
+
+def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tarball):
+    config = config_for(http_server, cifar_tarball, endpoint={"keep": True})
+    state = cifar10_pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    backend = LocalBackend()
+    try:
+        assert summary["endpoint"]["kept"] is True
+        info = backend.describe_endpoint(summary["endpoint"]["name"])
+        assert info.status == "InService"
+    finally:
+        backend.delete_endpoint(summary["endpoint"]["name"])
