@@ -35,6 +35,11 @@ from backends.base import (
 )
 from backends.local_store import atomic_write_text, path_from_uri
 
+# One math thread per request, requests in parallel: small batches spend more time waking
+# OpenMP threads than computing, and spinning threads starve a busy machine (the usual
+# model-server set-up: TorchServe, for one, runs single-threaded workers side by side).
+SERVER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint names
 
 
@@ -121,7 +126,7 @@ class LocalEndpoints:
                  "--root", str(self.records.root)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_THREADS},
             )
         # Reap the server when it exits while we are alive, so it never lingers as a zombie.
         threading.Thread(target=proc.wait, daemon=True).start()
