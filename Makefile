@@ -35,6 +35,7 @@ test: setup  ## ruff, then the test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 run: setup  ## run the whole pipeline locally; options via ARGS='--epochs 1 ...'
+	@mkdir -p "$(PREFECT_HOME)"  # Prefect creates only the last level of its home
 	$(BIN)/cifar10-pipeline run $(ARGS)
 
 bench: setup  ## run the benchmarks in bench/ and print their figures

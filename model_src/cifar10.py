@@ -314,12 +314,16 @@ PRESETS: dict[str, dict] = {
         "epochs": 3, "batch_size": 64, "lr": 0.02, "momentum": 0.9, "nesterov": False,
         "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_fraction": 0.0,
         "augment_pad": 0, "jpeg_fraction": 0.0, "flip_tta": False, "bf16": False,
+        # Its convolutions are so small that oneDNN's per-call set-up (~60 µs each) costs
+        # more than the arithmetic: serving answers twice as fast with the native kernels.
+        "onednn_inference": False,
     },
     "airbench": {
         "network": AirbenchNet,
         "epochs": 14, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "nesterov": True,
         "weight_decay": 5e-4, "label_smoothing": 0.2, "warmup_fraction": 0.2,
         "augment_pad": 2, "jpeg_fraction": 0.5, "flip_tta": True, "bf16": True,
+        "onednn_inference": True,
     },
 }
 
@@ -639,6 +643,8 @@ def model_fn(model_dir: str) -> Classifier:
     model = build_model(meta["architecture"], meta["mean"], meta["std"])
     state = torch.load(model_path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
+    # A serving process holds one model, so this process-wide switch is the model's to set.
+    torch.backends.mkldnn.enabled = PRESETS[meta["architecture"]]["onednn_inference"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
@@ -724,10 +730,13 @@ def _to_batch(array: np.ndarray) -> torch.Tensor:
 
 
 def predict_fn(input_data: torch.Tensor, model: Classifier) -> np.ndarray:
-    """Logits N x 10, computed in eval mode without autograd (inference mode)."""
+    """Logits N x 10, computed in eval mode without gradients."""
+    if model.training:
+        model.eval()
     device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: entering inference_mode costs ~30 µs per call,
+    # a quarter of a small request's whole forward pass.
+    with torch.no_grad():
         return model(input_data.to(device)).float().cpu().numpy()
 
 

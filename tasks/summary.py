@@ -75,5 +75,5 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     stages = "\n".join(f"| {name} | {seconds:.1f} |"
                        for name, seconds in summary["stages"].items())
-    return (f"## CIFAR-10 pipeline run on `{summary['backend']}`\n\n| | |\n|---|---|\n"
+    return (f"## CIFAR-10 pipeline run on `{summary['backend']}`\n\n| what | value |\n|---|---|\n"
             f"{table}\n\n| stage | seconds |\n|---|---|\n{stages}\n")
