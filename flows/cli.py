@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -41,6 +43,18 @@ def _backend(name: str, region: str | None = None) -> BackendClient:
         _fail(f"unknown backend {name!r}; choose local or aws", 2)
     try:
         return get_backend(name, region=region) if name == "aws" else get_backend(name)
+    except BackendError as e:
+        _fail(str(e))
+
+
+@contextmanager
+def _backend_errors() -> Iterator[None]:
+    """A backend's errors (missing AWS credentials, region or role, access denied...) raised on
+    first use, as one clear line instead of a traceback."""
+    from backends.base import BackendError
+
+    try:
+        yield
     except BackendError as e:
         _fail(str(e))
 
@@ -160,7 +174,8 @@ def list_endpoints(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
 ) -> None:
     """Pipeline-owned endpoints with their status, age and owner."""
-    endpoints = _backend(backend, region).list_endpoints()
+    with _backend_errors():
+        endpoints = _backend(backend, region).list_endpoints()
     now = dt.datetime.now(dt.UTC)
     rows = [{"name": e.name, "status": e.status, "created": e.created.isoformat(),
              "age_minutes": round((now - e.created).total_seconds() / 60, 1),
@@ -183,7 +198,8 @@ def delete(
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
 ) -> None:
     """Delete an endpoint with its config and model (a missing one is not an error)."""
-    deleted = _backend(backend, region).delete_endpoint(name)
+    with _backend_errors():
+        deleted = _backend(backend, region).delete_endpoint(name)
     typer.echo(f"{name}: {'deleted' if deleted else 'not found (nothing to delete)'}")
 
 
@@ -198,7 +214,8 @@ def reap(
     from backends.reaper import reap_endpoints
 
     ttl = parse_duration(older_than)
-    report = reap_endpoints(_backend(backend, region), ttl, dry_run=dry_run)
+    with _backend_errors():
+        report = reap_endpoints(_backend(backend, region), ttl, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for name in report.deleted:
         typer.echo(f"{verb} {name}")

@@ -70,6 +70,11 @@ class AwsSettings(_Section):
     bucket: str | None = Field(None, description="default: SAGEMAKER_BUCKET, else the "
                                                  "SageMaker default bucket")
     prefix: str = Field("cifar10-pipeline", description="S3 key prefix for data and models")
+    use_spot: bool = Field(False, description="managed spot training (cheaper, may wait for "
+                                              "capacity), checkpoints synced to S3")
+    max_wait_minutes: int | None = Field(None, ge=1, le=5 * 24 * 60,
+                                         description="spot only: runtime plus time waiting "
+                                                     "for capacity; default twice the runtime")
 
 
 class PipelineConfig(_Section):

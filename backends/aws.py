@@ -1,0 +1,109 @@
+"""The AWS backend: Amazon SageMaker through the SageMaker Python SDK v3 and boto3.
+
+- upload: the data directory mirrored to ``s3://{bucket}/{prefix}/data/`` (``aws_s3``);
+- train: a SageMaker training job on the PyTorch training DLC, request built by the SDK's
+  ``ModelTrainer``, created and followed with boto3 (``aws_training``);
+- host: model, endpoint config and endpoint on the PyTorch inference DLC (``aws_hosting``);
+- invoke: boto3's ``sagemaker-runtime`` client, the same client code as the local backend.
+
+Building the backend is cheap and offline; region, credentials, role and bucket are resolved
+on first use, and a missing one raises ``ConfigurationError`` saying what to set.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from backends.aws_config import AwsOptions
+from backends.aws_errors import aws_errors
+from backends.aws_hosting import AwsEndpoints
+from backends.aws_s3 import mirror_directory
+from backends.aws_session import AwsSession
+from backends.aws_training import AwsTrainingJobs
+from backends.base import (
+    Backend,
+    EndpointInfo,
+    EndpointSpec,
+    Invocation,
+    LogCallback,
+    TrainingResult,
+    TrainingSpec,
+)
+
+
+class AwsBackend(Backend):
+    name = "aws"
+
+    def __init__(self, region: str | None = None, role_arn: str | None = None,
+                 bucket: str | None = None, prefix: str | None = None, *,
+                 boto_session: boto3.Session | None = None, **options: Any) -> None:
+        """``options``: the other ``AwsOptions`` fields (framework_version, py_version,
+        use_spot, max_wait_minutes, poll_seconds, deploy_timeout_seconds...)."""
+        self.options = AwsOptions.from_settings(
+            region=region, role_arn=role_arn, bucket=bucket,
+            prefix=prefix or AwsOptions.prefix, **options)
+        self.aws = AwsSession(self.options.region, boto_session)
+        self._sdk_session: Any = None
+        self._bucket = self.options.bucket
+        self._lock = threading.Lock()
+        self.training = AwsTrainingJobs(self.aws, self.options, self.sdk_session, self.bucket)
+        self.endpoints = AwsEndpoints(self.aws, self.options)
+
+    def sdk_session(self) -> Any:
+        """The SageMaker SDK session over our boto3 session, its default bucket ours."""
+        with self._lock:
+            if self._sdk_session is None:
+                from sagemaker.core.helper.session_helper import Session
+
+                with aws_errors("starting a SageMaker SDK session"):
+                    self._sdk_session = Session(boto_session=self.aws.session,
+                                                default_bucket=self.options.bucket)
+            return self._sdk_session
+
+    def bucket(self) -> str:
+        """The configured bucket, else the SageMaker default bucket
+        ``sagemaker-{region}-{account}`` (the SDK creates it when missing)."""
+        if self._bucket is None:
+            session = self.sdk_session()
+            with aws_errors("finding the SageMaker default bucket (sts:GetCallerIdentity, "
+                            "s3:CreateBucket when it is missing)"):
+                self._bucket = session.default_bucket()
+        return self._bucket
+
+    def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
+        report = mirror_directory(self.aws.s3, Path(local_dir), self.bucket(),
+                                  f"{self.options.prefix}/data")
+        if on_log:
+            on_log(f"uploaded {report.uploaded} files ({report.bytes_uploaded / 1e6:.1f} MB), "
+                   f"skipped {report.skipped} unchanged, removed {report.removed} to {report.uri}")
+        return report.uri
+
+    def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
+        return self.training.run(spec, on_log)
+
+    def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
+        return self.endpoints.deploy(spec, on_log)
+
+    def describe_endpoint(self, name: str) -> EndpointInfo | None:
+        return self.endpoints.describe(name)
+
+    def list_endpoints(self) -> list[EndpointInfo]:
+        return self.endpoints.list()
+
+    def delete_endpoint(self, name: str) -> bool:
+        return self.endpoints.delete(name)
+
+    def runtime_client(self, endpoint_name: str) -> Any:
+        """boto3's ``sagemaker-runtime`` client for this region (``AWS_ENDPOINT_URL_SAGEMAKER_
+        RUNTIME`` redirects it, as for any boto3 client). No DescribeEndpoint first: a missing
+        endpoint is InvokeEndpoint's own clear ValidationError."""
+        return self.aws.runtime
+
+    def invoke(self, endpoint_name: str, body: bytes, content_type: str,
+               accept: str = "application/json") -> Invocation:
+        with aws_errors(f"invoking endpoint {endpoint_name}"):
+            return super().invoke(endpoint_name, body, content_type, accept)

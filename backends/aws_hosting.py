@@ -1,0 +1,257 @@
+"""SageMaker real-time endpoints for the AWS backend, through boto3: model, endpoint config and
+endpoint (all three named after the endpoint and tagged as the pipeline's), a bounded wait for
+InService, idempotent deletion, and the listing the reaper works from.
+
+boto3 rather than the SDK's ``ModelBuilder``/``sagemaker.core.resources``: ModelBuilder infers
+a serving setup of its own and polls every 30 s without a bound we control; the three plain
+Create calls say exactly what the endpoint runs, and their failures carry AWS's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from time import monotonic, sleep
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from backends.aws_config import AwsOptions
+from backends.aws_errors import aws_errors, is_not_found
+from backends.aws_images import pytorch_image
+from backends.aws_s3 import object_exists
+from backends.aws_session import AwsSession
+from backends.base import (
+    CREATED_KEY,
+    MANAGED_BY_KEY,
+    MANAGED_BY_VALUE,
+    BackendError,
+    EndpointExists,
+    EndpointFailed,
+    EndpointInfo,
+    EndpointSpec,
+    LogCallback,
+)
+from backends.settings import ENTRY_POINT
+
+VARIANT = "AllTraffic"
+# The PyTorch inference toolkit imports the handlers (model_fn, input_fn, ...) from this
+# program in this directory; model.tar.gz carries them in code/ (see save_model in the script).
+MODEL_CODE_DIR = "/opt/ml/model/code"
+FAILED = {"Failed", "OutOfService", "Deleting", "UpdateRollbackFailed"}
+
+
+class AwsEndpoints:
+    def __init__(self, aws: AwsSession, options: AwsOptions) -> None:
+        self.aws = aws
+        self.options = options
+
+    @property
+    def sm(self) -> Any:
+        return self.aws.sagemaker
+
+    def image(self, instance_type: str) -> str:
+        return pytorch_image("inference", self.aws.region, self.options.inference_framework_version,
+                             self.options.py_version, instance_type)
+
+    # -- deploy ----------------------------------------------------------------------------
+
+    def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
+        """Creates model, endpoint config and endpoint, and waits until InService. On any
+        failure, what this call created is deleted before the error is raised."""
+        emit = on_log or (lambda line: None)
+        role = self.options.require_role()
+        if not spec.model_uri.startswith("s3://"):
+            raise BackendError(f"the aws backend hosts models from S3; got {spec.model_uri}")
+        if self._describe_endpoint(spec.name) is not None:
+            raise EndpointExists(spec.name)
+        if not object_exists(self.aws.s3, spec.model_uri):
+            raise BackendError(f"model artifact {spec.model_uri} does not exist")
+        image = self.image(spec.instance_type)
+        # created-at says when the endpoint was created (the flow stamps the run's start): the
+        # reaper measures an endpoint's age from it, and a long training must not count.
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        tag_map = {**spec.tags, CREATED_KEY: created}
+        tags = [{"Key": k, "Value": v} for k, v in tag_map.items()]
+        try:
+            with aws_errors(f"creating model {spec.name}"):
+                self.sm.create_model(
+                    ModelName=spec.name, ExecutionRoleArn=role, Tags=tags,
+                    PrimaryContainer={"Image": image, "ModelDataUrl": spec.model_uri,
+                                      "Environment": {
+                                          "SAGEMAKER_PROGRAM": ENTRY_POINT,
+                                          "SAGEMAKER_SUBMIT_DIRECTORY": MODEL_CODE_DIR,
+                                          "SAGEMAKER_REGION": self.aws.region,
+                                          "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                                      }},
+                )
+            with aws_errors(f"creating endpoint config {spec.name}"):
+                self.sm.create_endpoint_config(
+                    EndpointConfigName=spec.name, Tags=tags,
+                    ProductionVariants=[{
+                        "VariantName": VARIANT, "ModelName": spec.name,
+                        "InstanceType": spec.instance_type,
+                        "InitialInstanceCount": spec.instance_count,
+                        "InitialVariantWeight": 1.0,
+                    }],
+                )
+            with aws_errors(f"creating endpoint {spec.name}"):
+                self.sm.create_endpoint(EndpointName=spec.name, EndpointConfigName=spec.name,
+                                        Tags=tags)
+            emit(f"endpoint {spec.name}: creating ({spec.instance_count} x "
+                 f"{spec.instance_type}, image {image})")
+            described = self._wait_in_service(spec.name, emit)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the original error
+                self.delete(spec.name)
+            raise
+        return EndpointInfo(
+            name=spec.name, status="InService",
+            created=created_at(tag_map, described["CreationTime"]), tags=tag_map,
+            instance_type=spec.instance_type, url=None,
+            extra={"arn": described["EndpointArn"], "endpoint_config": spec.name,
+                   "models": [spec.name]})
+
+    def _wait_in_service(self, name: str, emit: LogCallback) -> dict[str, Any]:
+        started = monotonic()
+        last = None
+        while True:
+            described = self._describe_endpoint(name)
+            if described is None:
+                raise EndpointFailed(name, "deleted while it was being created")
+            status = described["EndpointStatus"]
+            if status != last:
+                last = status
+                emit(f"endpoint {name}: {status} after {monotonic() - started:.0f}s")
+            if status == "InService":
+                return described
+            if status in FAILED:
+                raise EndpointFailed(name, described.get("FailureReason") or status)
+            if monotonic() - started > self.options.deploy_timeout_seconds:
+                raise EndpointFailed(name, f"not InService after "
+                                           f"{self.options.deploy_timeout_seconds:.0f}s "
+                                           f"(still {status})")
+            sleep(self.options.poll_seconds)
+
+    # -- describe and list -------------------------------------------------------------------
+
+    def _describe_endpoint(self, name: str) -> dict[str, Any] | None:
+        with aws_errors(f"describing endpoint {name}"):
+            try:
+                return self.sm.describe_endpoint(EndpointName=name)
+            except ClientError as e:
+                if is_not_found(e):
+                    return None
+                raise
+
+    def _describe_config(self, name: str) -> dict[str, Any] | None:
+        with aws_errors(f"describing endpoint config {name}"):
+            try:
+                return self.sm.describe_endpoint_config(EndpointConfigName=name)
+            except ClientError as e:
+                if is_not_found(e):
+                    return None
+                raise
+
+    def _tags(self, arn: str) -> dict[str, str] | None:
+        """The resource's tags; None when it is gone."""
+        tags: dict[str, str] = {}
+        with aws_errors(f"listing the tags of {arn}"):
+            try:
+                for page in self.sm.get_paginator("list_tags").paginate(ResourceArn=arn):
+                    tags.update({t["Key"]: t.get("Value", "") for t in page.get("Tags", [])})
+            except ClientError as e:
+                if is_not_found(e):
+                    return None
+                raise
+        return tags
+
+    def _info(self, name: str, arn: str, status: str, creation_time: dt.datetime,
+              config_name: str | None, tags: dict[str, str]) -> EndpointInfo:
+        config = self._describe_config(config_name) if config_name else None
+        variants = (config or {}).get("ProductionVariants") or [{}]
+        return EndpointInfo(
+            name=name, status=status, created=created_at(tags, creation_time), tags=tags,
+            instance_type=variants[0].get("InstanceType", "unknown"), url=None,
+            extra={"arn": arn, "endpoint_config": config_name,
+                   "models": [v.get("ModelName") for v in variants if v.get("ModelName")]},
+        )
+
+    def describe(self, name: str) -> EndpointInfo | None:
+        described = self._describe_endpoint(name)
+        if described is None:
+            return None
+        tags = self._tags(described["EndpointArn"]) or {}
+        info = self._info(name, described["EndpointArn"], described["EndpointStatus"],
+                          described["CreationTime"], described.get("EndpointConfigName"), tags)
+        if described.get("FailureReason"):
+            info.extra["failure_reason"] = described["FailureReason"]
+        return info
+
+    def list(self) -> list[EndpointInfo]:
+        """The pipeline's endpoints in this region (tagged managed-by=cifar10-pipeline), in
+        every status: one ListEndpoints walk plus ListTags per endpoint."""
+        found = []
+        with aws_errors("listing endpoints"):
+            pages = self.sm.get_paginator("list_endpoints").paginate()
+            summaries = [s for page in pages for s in page.get("Endpoints", [])]
+        for summary in summaries:
+            tags = self._tags(summary["EndpointArn"])
+            if tags is None or tags.get(MANAGED_BY_KEY) != MANAGED_BY_VALUE:
+                continue  # deleted since the listing, or not the pipeline's
+            # The pipeline names the endpoint config like the endpoint: no DescribeEndpoint.
+            found.append(self._info(summary["EndpointName"], summary["EndpointArn"],
+                                    summary["EndpointStatus"], summary["CreationTime"],
+                                    summary["EndpointName"], tags))
+        return found
+
+    # -- delete ------------------------------------------------------------------------------
+
+    def delete(self, name: str) -> bool:
+        """Deletes the endpoint, its endpoint config and its models. Idempotent: whatever is
+        already gone is skipped; True when anything was deleted. Also cleans up after a
+        deploy that died between its Create calls (config and model named like the endpoint,
+        no endpoint)."""
+        deleted = False
+        config_name = name
+        described = self._describe_endpoint(name)
+        if described is not None:
+            config_name = described.get("EndpointConfigName") or name
+            if described["EndpointStatus"] != "Deleting":
+                deleted |= self._delete("endpoint", name, self.sm.delete_endpoint,
+                                        EndpointName=name)
+        config = self._describe_config(config_name)
+        models = [name]
+        if config is not None:
+            models = [v["ModelName"] for v in config.get("ProductionVariants", [])
+                      if v.get("ModelName")] or [name]
+            deleted |= self._delete("endpoint config", config_name,
+                                    self.sm.delete_endpoint_config,
+                                    EndpointConfigName=config_name)
+        for model in dict.fromkeys(models):
+            deleted |= self._delete("model", model, self.sm.delete_model, ModelName=model)
+        return deleted
+
+    @staticmethod
+    def _delete(kind: str, name: str, call: Any, **params: str) -> bool:
+        with aws_errors(f"deleting {kind} {name}"):
+            try:
+                call(**params)
+            except ClientError as e:
+                if is_not_found(e):
+                    return False
+                raise
+        return True
+
+
+def created_at(tags: dict[str, str], creation_time: dt.datetime) -> dt.datetime:
+    """When the endpoint was created: its created-at tag (set by ``deploy``), else SageMaker's
+    CreationTime."""
+    text = tags.get(CREATED_KEY)
+    if text:
+        with contextlib.suppress(ValueError):
+            created = dt.datetime.fromisoformat(text)
+            return created if created.tzinfo else created.replace(tzinfo=dt.UTC)
+    if creation_time.tzinfo is None:
+        return creation_time.replace(tzinfo=dt.UTC)
+    return creation_time.astimezone(dt.UTC)

@@ -1,0 +1,128 @@
+"""S3 for the AWS backend: mirror the data directory into the bucket (skipping unchanged
+objects), and read small files out of a job's ``output.tar.gz``."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError
+
+from backends.aws_errors import aws_errors, denied_action, is_not_found
+from backends.base import BackendError
+from backends.local_store import UploadReport, sha256_file
+
+SHA256_METADATA = "sha256"  # x-amz-meta-sha256: ETags are not content hashes for multipart
+MAX_OUTPUT_ARCHIVE_BYTES = 64 << 20  # output.tar.gz holds metrics.json; refuse anything huge
+
+
+def s3_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def mirror_directory(s3: Any, local_dir: Path, bucket: str, prefix: str) -> UploadReport:
+    """Makes ``s3://bucket/prefix/`` hold exactly the files of ``local_dir``: uploads new or
+    changed files, skips those whose size and sha256 (kept in the object's metadata) match,
+    deletes objects that are no longer local, so the training channel is the dataset and
+    nothing else. Returns the channel URI with its trailing slash (an S3Prefix without one
+    would also match ``data-old/``)."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"no directory to upload at {local_dir}")
+    prefix = prefix.strip("/") + "/"
+    where = s3_uri(bucket, prefix)
+    with aws_errors(f"listing {where}"):
+        existing: dict[str, int] = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            existing.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    uploaded = skipped = nbytes = 0
+    current = set()
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        key = prefix + file.relative_to(local_dir).as_posix()
+        current.add(key)
+        size = file.stat().st_size
+        digest = sha256_file(file)
+        if existing.get(key) == size and _stored_sha256(s3, bucket, key) == digest:
+            skipped += 1
+            continue
+        _upload(s3, file, bucket, key, digest)
+        uploaded += 1
+        nbytes += size
+    stale = sorted(set(existing) - current)
+    with aws_errors(f"deleting stale objects under {where}"):
+        for i in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
+            s3.delete_objects(Bucket=bucket, Delete={
+                "Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True})
+    return UploadReport(where, uploaded, skipped, len(stale), nbytes)
+
+
+def _stored_sha256(s3: Any, bucket: str, key: str) -> str | None:
+    with aws_errors(f"reading {s3_uri(bucket, key)}"):
+        try:
+            return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            raise
+
+
+def _upload(s3: Any, file: Path, bucket: str, key: str, digest: str) -> None:
+    """Managed transfer (multipart and parallel for large files), with the hash attached."""
+    uri = s3_uri(bucket, key)
+    try:
+        with aws_errors(f"uploading {file.name} to {uri}"):
+            s3.upload_file(str(file), bucket, key,
+                           ExtraArgs={"Metadata": {SHA256_METADATA: digest}})
+    except S3UploadFailedError as e:  # the transfer manager wraps the ClientError in text
+        hint = (f"; grant {denied_action('', 'PutObject')} on {uri}"
+                if "AccessDenied" in str(e) else "")
+        raise BackendError(f"uploading {file.name} to {uri} failed{hint}: {e}") from e
+
+
+def object_exists(s3: Any, uri: str) -> bool:
+    bucket, key = parse_s3_uri(uri)
+    with aws_errors(f"checking {uri}"):
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if is_not_found(e):
+                return False
+            raise
+    return True
+
+
+def read_tar_member(s3: Any, uri: str, name: str) -> bytes | None:
+    """The file ``name`` from the tar.gz at ``uri``; None when the archive or the member is
+    missing (a job that wrote no output data)."""
+    bucket, key = parse_s3_uri(uri)
+    with aws_errors(f"reading {uri}"):
+        try:
+            response = s3.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            raise
+        if response.get("ContentLength", 0) > MAX_OUTPUT_ARCHIVE_BYTES:
+            response["Body"].close()
+            return None
+        data = response["Body"].read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.removeprefix("./") == name:
+                    extracted = tar.extractfile(member)
+                    return extracted.read() if extracted else None
+    except tarfile.TarError:
+        return None
+    return None

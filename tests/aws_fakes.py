@@ -1,0 +1,228 @@
+"""Offline AWS for the AWS backend's tests: moto's server for S3, IAM, STS, CloudWatch Logs and
+the SageMaker control plane, a recorder of every SageMaker call the backend makes, and a stand-in
+for what moto cannot do (run a training job's container, serve an endpoint).
+
+The fixtures that set these up are in ``aws_fixtures`` (a plugin the AWS test modules load with
+``pytest_plugins``). Nothing reaches past loopback: ``no_network`` makes any other host name
+fail at once instead of hanging.
+
+moto gaps and the shims for them (each used only here):
+
+- training jobs complete the moment they are created and write nothing: ``SageMakerStandIn``
+  plays the container on CreateTrainingJob, putting a real model.tar.gz (from a local training
+  run) where DescribeTrainingJob says the model is, the run's metrics.json in output.tar.gz
+  beside it, and the run's log lines in CloudWatch;
+- endpoints are InService at once and moto's InvokeEndpoint cannot carry binary bodies: on
+  CreateEndpoint the stand-in starts the local model server on the model artifact and points
+  ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` at it; on DeleteEndpoint it stops it;
+- the SDK builds its STS client with an explicit regional endpoint URL, ignoring
+  ``AWS_ENDPOINT_URL`` (``session_helper.sts_regional_endpoint``, used to name the default
+  bucket): patched to moto's URL;
+- moto does not implement iam:SimulatePrincipalPolicy, which ModelTrainer calls (and tolerates
+  failing) while staging code: moto logs a 500, nothing else happens;
+- moto accepts a second CreateTrainingJob of the same name, ignores MetricDefinitions and has
+  no StopTrainingJob: those request shapes are checked with botocore's Stubber instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from backends.aws_s3 import parse_s3_uri
+from backends.base import EndpointSpec
+from backends.local_endpoints import LocalEndpoints
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's account
+BUCKET = "cifar10-pipeline-test"
+ROLE_NAME = "cifar10-sagemaker"
+ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE_NAME}"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "", None}
+RUNTIME_URL_ENV = "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"
+
+
+def isolate_aws_environment(mp: pytest.MonkeyPatch) -> None:
+    """No AWS_*/SAGEMAKER_* variable or ~/.aws file of the person running the tests leaks in."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "SAGEMAKER_")):
+            mp.delenv(name)
+    mp.setenv("AWS_CONFIG_FILE", os.devnull)
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@dataclass
+class MotoAccount:
+    """Test-side clients (their calls are not recorded) on a freshly reset moto."""
+
+    url: str
+    session: boto3.Session = field(default_factory=lambda: boto3.Session(region_name=REGION))
+
+    @property
+    def sm(self) -> Any:
+        return self.session.client("sagemaker")
+
+    @property
+    def s3(self) -> Any:
+        return self.session.client("s3")
+
+    @property
+    def logs(self) -> Any:
+        return self.session.client("logs")
+
+    def sagemaker_resources(self) -> dict[str, list[str]]:
+        """Every endpoint, endpoint config and model in the account."""
+        sm = self.sm
+        return {
+            "endpoints": [e["EndpointName"] for e in sm.list_endpoints()["Endpoints"]],
+            "endpoint_configs": [c["EndpointConfigName"]
+                                 for c in sm.list_endpoint_configs()["EndpointConfigs"]],
+            "models": [m["ModelName"] for m in sm.list_models()["Models"]],
+        }
+
+    def keys(self, bucket: str = BUCKET, prefix: str = "") -> list[str]:
+        response = self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for o in response.get("Contents", []))
+
+
+@dataclass
+class Call:
+    service: str  # sagemaker | sagemaker-runtime
+    operation: str
+    params: dict[str, Any]
+
+
+class CallRecorder:
+    """Every SageMaker (control plane and runtime) call made through the backend's boto3
+    sessions, in order, with its API parameters (botocore's before-parameter-build event,
+    which also fires for calls a Stubber answers)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self._lock = threading.Lock()
+
+    def attach(self, session: boto3.Session) -> None:
+        for service in ("sagemaker", "sagemaker-runtime"):
+            session.events.register(f"before-parameter-build.{service}",
+                                    self._record(service))
+
+    def _record(self, service: str):
+        def handler(model, params, **kwargs):
+            with self._lock:
+                self.calls.append(Call(service, model.name, dict(params)))
+        return handler
+
+    def names(self) -> list[str]:
+        return [c.operation for c in self.calls]
+
+    def params(self, operation: str) -> list[dict[str, Any]]:
+        return [c.params for c in self.calls if c.operation == operation]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What a real (local) training run of the entry script produced."""
+
+    model_tar: bytes
+    metrics: dict[str, Any]
+    log_lines: list[str]
+
+
+class SageMakerStandIn:
+    """Plays SageMaker's data plane where moto has none, hooked on the backend's calls
+    (botocore after-call events): the training container and the endpoint's model server."""
+
+    def __init__(self, account: MotoAccount, model: TrainedModel, root: Path) -> None:
+        self.account = account
+        self.model = model
+        self.endpoints = LocalEndpoints(root / "endpoints", python=sys.executable)
+        self.root = root
+        self.trained: list[str] = []
+        self.served: list[str] = []
+        self._params: dict[str, dict[str, Any]] = {}
+
+    def attach(self, session: boto3.Session) -> None:
+        for operation in ("CreateTrainingJob", "CreateEndpoint", "DeleteEndpoint"):
+            session.events.register(f"before-parameter-build.sagemaker.{operation}",
+                                    self._remember)
+            session.events.register(f"after-call.sagemaker.{operation}", self._after)
+
+    def _remember(self, model, params, **kwargs) -> None:
+        self._params[model.name] = dict(params)
+
+    def _after(self, model, http_response, **kwargs) -> None:
+        if http_response.status_code >= 300:  # the call failed: nothing happened
+            return
+        params = self._params.pop(model.name)
+        {"CreateTrainingJob": self.run_training_job, "CreateEndpoint": self.start_endpoint,
+         "DeleteEndpoint": self.stop_endpoint}[model.name](params)
+
+    def run_training_job(self, params: dict[str, Any]) -> None:
+        """What the container would leave behind: model.tar.gz where DescribeTrainingJob
+        says, output.tar.gz (metrics.json) beside it, the log in CloudWatch."""
+        name = params["TrainingJobName"]
+        described = self.account.sm.describe_training_job(TrainingJobName=name)
+        bucket, key = parse_s3_uri(described["ModelArtifacts"]["S3ModelArtifacts"])
+        s3 = self.account.s3
+        s3.put_object(Bucket=bucket, Key=key, Body=self.model.model_tar)
+        s3.put_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/output.tar.gz",
+                      Body=tar_gz({"metrics.json": json.dumps(self.model.metrics).encode()}))
+        logs = self.account.logs
+        group, stream = "/aws/sagemaker/TrainingJobs", f"{name}/algo-1-1700000000"
+        if not logs.describe_log_groups(logGroupNamePrefix=group)["logGroups"]:
+            logs.create_log_group(logGroupName=group)
+        logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        now = int(time.time() * 1000)  # CloudWatch drops events older than 14 days
+        logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+            {"timestamp": now + i, "message": line} for i, line in enumerate(self.model.log_lines)])
+        self.trained.append(name)
+
+    def start_endpoint(self, params: dict[str, Any]) -> None:
+        """The local model server on the artifact the model points at, with the program its
+        environment names, reached through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME."""
+        name = params["EndpointName"]
+        sm = self.account.sm
+        config = sm.describe_endpoint_config(EndpointConfigName=params["EndpointConfigName"])
+        model = sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+        container = model["PrimaryContainer"]
+        bucket, key = parse_s3_uri(container["ModelDataUrl"])
+        artifact = self.root / "artifacts" / name / "model.tar.gz"
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        self.account.s3.download_file(bucket, key, str(artifact))
+        self.endpoints.entry_point = container["Environment"]["SAGEMAKER_PROGRAM"]
+        info = self.endpoints.deploy(EndpointSpec(name=name, model_uri=artifact.as_uri()))
+        os.environ[RUNTIME_URL_ENV] = info.url
+        self.served.append(name)
+
+    def stop_endpoint(self, params: dict[str, Any]) -> None:
+        self.endpoints.delete(params["EndpointName"])
+
+    def running(self) -> list[str]:
+        return [e.name for e in self.endpoints.list()]
+
+    def close(self) -> None:
+        for endpoint in self.endpoints.list():
+            self.endpoints.delete(endpoint.name)
+        os.environ.pop(RUNTIME_URL_ENV, None)
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

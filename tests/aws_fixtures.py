@@ -1,0 +1,126 @@
+"""Fixtures for the AWS backend's tests (a pytest plugin: ``pytest_plugins`` in the modules
+that use them). The fakes they set up, and the moto gaps they cover, are in ``aws_fakes``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from backends.local_store import path_from_uri
+from tests.aws_fakes import (
+    BUCKET,
+    LOOPBACK,
+    REGION,
+    ROLE_NAME,
+    CallRecorder,
+    MotoAccount,
+    SageMakerStandIn,
+    TrainedModel,
+    isolate_aws_environment,
+)
+
+
+@pytest.fixture(scope="module")
+def no_network() -> Iterator[None]:
+    """Name resolution for anything but loopback fails: a test that would reach AWS errors
+    at once instead of hanging or, worse, succeeding against a real account."""
+    real = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in LOOPBACK:
+            raise socket.gaierror(f"tests may not reach {name}: loopback only")
+        return real(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket, "getaddrinfo", loopback_only)
+        yield
+
+
+@pytest.fixture(scope="module")
+def moto_server(no_network) -> Iterator[str]:
+    """moto's server on a free loopback port; the environment points every boto3 client at
+    it, with dummy credentials and a region. Yields its URL."""
+    from moto.server import ThreadedMotoServer
+    from sagemaker.core.helper import session_helper
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            isolate_aws_environment(mp)
+            mp.setenv("AWS_ENDPOINT_URL", url)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_REGION", REGION)
+            mp.setenv("AWS_DEFAULT_REGION", REGION)
+            mp.setattr(session_helper, "sts_regional_endpoint", lambda region: url)
+            yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_server) -> MotoAccount:
+    """A clean moto account with the pipeline's bucket and execution role."""
+    request = urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    account = MotoAccount(moto_server)
+    account.s3.create_bucket(Bucket=BUCKET)
+    account.session.client("iam").create_role(
+        RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"},
+                "Action": "sts:AssumeRole"}]}))
+    return account
+
+
+@pytest.fixture
+def sagemaker_calls(monkeypatch) -> CallRecorder:
+    """Records the calls of every boto3 session the backend makes from now on."""
+    import backends.aws_session
+
+    recorder = CallRecorder()
+    make = backends.aws_session.new_boto_session
+
+    def recording_session(region):
+        session = make(region)
+        recorder.attach(session)
+        return session
+
+    monkeypatch.setattr(backends.aws_session, "new_boto_session", recording_session)
+    return recorder
+
+
+@pytest.fixture(scope="session")
+def trained_model(model_uri, local_backend) -> TrainedModel:
+    jobs = local_backend.jobs
+    result = jobs.result(jobs.describe("session-model"))
+    log = (jobs.job_dir("session-model") / "training.log").read_text().splitlines()
+    return TrainedModel(path_from_uri(model_uri).read_bytes(), result.metrics, log)
+
+
+@pytest.fixture
+def sagemaker_stand_in(aws, trained_model, tmp_path, monkeypatch) -> Iterator[SageMakerStandIn]:
+    """Hooks the stand-in onto every boto3 session the backend makes from now on."""
+    import backends.aws_session
+
+    stand_in = SageMakerStandIn(aws, trained_model, tmp_path / "stand-in")
+    make = backends.aws_session.new_boto_session
+
+    def session_with_stand_in(region):
+        session = make(region)
+        stand_in.attach(session)
+        return session
+
+    monkeypatch.setattr(backends.aws_session, "new_boto_session", session_with_stand_in)
+    try:
+        yield stand_in
+    finally:
+        stand_in.close()

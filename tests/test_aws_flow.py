@@ -1,0 +1,247 @@
+"""The whole flow on the AWS backend, offline: moto's server as AWS (S3, SageMaker control plane,
+CloudWatch Logs), a real model artifact placed where moto's training job says it is, and the
+local model server answering InvokeEndpoint through ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``.
+Also: teardown after injected failures, and the reaper on AWS."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from backends.aws import AwsBackend
+from flows.config import AwsSettings, PipelineConfig
+from flows.pipeline import cifar10_pipeline, resource_name
+from tasks.summary import PRICES_PER_HOUR
+from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount
+from tests.conftest import FAST_HYPERPARAMETERS
+
+pytest_plugins = ["tests.aws_fixtures"]
+pytestmark = [
+    pytest.mark.usefixtures("no_network"),  # loopback only, for every test here
+    # The SDK imports its own deprecated module path; nothing to fix on our side.
+    pytest.mark.filterwarnings("ignore:sagemaker.train.configs has been moved"
+                               ":DeprecationWarning"),
+]
+
+TRAINING_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312"
+NOTHING = {"endpoints": [], "endpoint_configs": [], "models": []}
+# What one run asks of SageMaker, in order (the runtime's InvokeEndpoint included).
+EXPECTED_CALLS = [
+    "sagemaker:DescribeTrainingJob",  # fit: is there a job of this run's name? (re-attach)
+    "sagemaker:CreateTrainingJob",
+    "sagemaker:DescribeTrainingJob",  # wait: Completed
+    "sagemaker:DescribeEndpoint",  # deploy: the name is free
+    "sagemaker:CreateModel",
+    "sagemaker:CreateEndpointConfig",
+    "sagemaker:CreateEndpoint",
+    "sagemaker:DescribeEndpoint",  # wait: InService
+    "sagemaker-runtime:InvokeEndpoint",  # smoke test: 100 images in one request
+    "sagemaker:DescribeEndpoint",  # delete: which config?
+    "sagemaker:DeleteEndpoint",
+    "sagemaker:DescribeEndpointConfig",  # which model?
+    "sagemaker:DeleteEndpointConfig",
+    "sagemaker:DeleteModel",
+]
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path, monkeypatch):
+    """These runs download into a state directory of their own: the session's is left as
+    other modules expect it (test_flow checks that its first run downloads)."""
+    monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path / "state"))
+
+
+def caller_policy_actions() -> set[str]:
+    """The actions docs/iam/caller-policy.json allows (the least-privilege caller policy)."""
+    policy = json.loads((Path(__file__).parents[1] / "docs/iam/caller-policy.json").read_text())
+    actions: set[str] = set()
+    for statement in policy["Statement"]:
+        listed = statement["Action"]
+        actions.update([listed] if isinstance(listed, str) else listed)
+    return actions
+
+
+def assert_allowed_by_caller_policy(recorder) -> None:
+    """Every SageMaker call the backend made is allowed by the documented caller policy (the
+    runtime's InvokeEndpoint is the IAM action sagemaker:InvokeEndpoint)."""
+    used = {f"sagemaker:{c.operation}" for c in recorder.calls}
+    assert used and used <= caller_policy_actions(), used - caller_policy_actions()
+
+
+def aws_config(http_server: str, cifar_tarball: tuple[str, str], **overrides) -> PipelineConfig:
+    name, md5 = cifar_tarball
+    return PipelineConfig.model_validate({
+        "backend": "aws",
+        "data": {"url": f"{http_server}/{name}", "md5": md5},
+        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
+                     "batch_size": FAST_HYPERPARAMETERS["batch-size"],
+                     "instance_type": "ml.m5.xlarge", "max_runtime_minutes": 30},
+        "endpoint": {"instance_type": "ml.m5.large"},
+        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
+        "aws": {"region": REGION, "role_arn": ROLE_ARN, "bucket": BUCKET},
+        **overrides,
+    })
+
+
+def calls_of(recorder) -> list[str]:
+    return [f"{c.service}:{c.operation}" for c in recorder.calls]
+
+
+def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
+        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, sagemaker_stand_in,
+        trained_model, cifar_dir):
+    state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    run_id = str(state.state_details.flow_run_id)
+    name = resource_name(run_id)
+    print("\nSageMaker calls made by the run, in order:\n  " + "\n  ".join(
+        calls_of(sagemaker_calls)))
+
+    assert summary["backend"] == "aws"
+    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+                                       "smoke_predict", "delete_endpoint"]
+    assert calls_of(sagemaker_calls) == EXPECTED_CALLS
+    assert_allowed_by_caller_policy(sagemaker_calls)
+
+    # upload: the dataset landed in S3 under the prefix.
+    data_uri = f"s3://{BUCKET}/cifar10-pipeline/data/"
+    assert summary["data"]["uri"] == data_uri
+    assert aws.keys(prefix="cifar10-pipeline/data/") == sorted(
+        f"cifar10-pipeline/data/{p.name}" for p in cifar_dir.iterdir())
+
+    # fit: the job moto holds is the one the run asked for.
+    job = aws.sm.describe_training_job(TrainingJobName=name)
+    assert job["AlgorithmSpecification"]["TrainingImage"] == TRAINING_IMAGE
+    assert job["HyperParameters"] == {"model": "tutorial", "epochs": "2", "batch-size": "16",
+                                      "lr": "0.02", "seed": "0"}
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+                for c in job["InputDataConfig"]}
+    assert channels["training"] == data_uri and set(channels) == {"training", "code",
+                                                                  "sm_drivers"}
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 30 * 60}
+    assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
+    tags = {t["Key"]: t["Value"] for t in aws.sm.list_tags(ResourceArn=job["TrainingJobArn"])
+            ["Tags"]}
+    assert tags["managed-by"] == "cifar10-pipeline"
+    assert tags["owner"] == f"prefect-flow-run/{run_id}"
+    assert summary["training"]["job_name"] == name
+    assert summary["training"]["model_uri"] == job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert summary["training"]["metrics"] == trained_model.metrics
+
+    # deploy + smoke test: the endpoint was tagged, and really answered.
+    endpoint_tags = sagemaker_calls.params("CreateEndpoint")[0]["Tags"]
+    assert {"Key": "managed-by", "Value": "cifar10-pipeline"} in endpoint_tags
+    assert {"Key": "owner", "Value": f"prefect-flow-run/{run_id}"} in endpoint_tags
+    assert sagemaker_stand_in.served == [name]
+    assert summary["smoke_test"]["images"] == 100
+    assert summary["smoke_test"]["accuracy"] >= 0.5
+
+    # teardown: nothing left in SageMaker, no model server running.
+    assert aws.sagemaker_resources() == NOTHING
+    assert sagemaker_stand_in.running() == []
+    assert summary["endpoint"]["kept"] is False
+
+    # cost: billable training seconds (moto reports none) and endpoint uptime, priced.
+    uptime = summary["endpoint"]["uptime_seconds"]
+    assert summary["training"]["billable_seconds"] == 0 and uptime > 0
+    assert summary["cost"]["usd"] == round(uptime / 3600 * PRICES_PER_HOUR["ml.m5.large"], 4)
+    assert "approximate" in summary["cost"]["note"]
+
+
+def test_failure_after_deploy_still_deletes_endpoint_config_and_model(
+        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, sagemaker_stand_in,
+        monkeypatch):
+    import tasks.endpoint
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("injected: the endpoint stopped answering")
+
+    monkeypatch.setattr(tasks.endpoint, "invoke_batch", broken)
+    state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConnectionError, match="injected"):
+        state.result()
+    calls = calls_of(sagemaker_calls)
+    assert calls[calls.index("sagemaker:CreateEndpoint"):] == [
+        "sagemaker:CreateEndpoint", "sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpoint",
+        "sagemaker:DeleteEndpoint", "sagemaker:DescribeEndpointConfig",
+        "sagemaker:DeleteEndpointConfig", "sagemaker:DeleteModel"]
+    assert aws.sagemaker_resources() == NOTHING
+    assert sagemaker_stand_in.served and sagemaker_stand_in.running() == []
+
+
+def test_failure_inside_deploy_after_the_endpoint_exists_still_deletes_it(
+        prefect_harness, http_server, cifar_tarball, aws, sagemaker_stand_in, monkeypatch):
+    original = AwsBackend.deploy
+    created = []
+
+    def deploy_then_fail(self, spec, on_log=None):
+        created.append(original(self, spec, on_log))
+        raise TimeoutError("injected: endpoint created, then the wait timed out")
+
+    monkeypatch.setattr(AwsBackend, "deploy", deploy_then_fail)
+    state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TimeoutError, match="injected"):
+        state.result()
+    assert created and created[0].status == "InService"
+    assert aws.sagemaker_resources() == NOTHING
+    assert sagemaker_stand_in.running() == []
+
+
+def make_endpoint(aws: MotoAccount, name: str, tags: dict[str, str]) -> None:
+    """An endpoint with its own config and model, as any tool would create it."""
+    as_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+    aws.sm.create_model(ModelName=name, ExecutionRoleArn=ROLE_ARN, Tags=as_list,
+                        PrimaryContainer={"Image": TRAINING_IMAGE})
+    aws.sm.create_endpoint_config(EndpointConfigName=name, Tags=as_list, ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1}])
+    aws.sm.create_endpoint(EndpointName=name, EndpointConfigName=name, Tags=as_list)
+
+
+def test_reaper_on_aws_deletes_only_old_pipeline_owned_endpoints(prefect_harness, aws,
+                                                                 sagemaker_calls):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.reaper import reap_endpoints_flow
+
+    now = dt.datetime.now(dt.UTC)
+    old = (now - dt.timedelta(hours=3)).isoformat(timespec="seconds")
+    young = (now - dt.timedelta(minutes=10)).isoformat(timespec="seconds")
+    owned = {"managed-by": "cifar10-pipeline", "owner": "prefect-flow-run/x"}
+    make_endpoint(aws, "cifar10-old", {**owned, "created-at": old})
+    make_endpoint(aws, "cifar10-young", {**owned, "created-at": young})
+    make_endpoint(aws, "cifar10-untimed", owned)  # no created-at: CreationTime (now) counts
+    make_endpoint(aws, "someone-elses-old", {"created-at": old})
+    make_endpoint(aws, "other-tool-old", {"managed-by": "other-tool", "created-at": old})
+    everything = aws.sagemaker_resources()
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["endpoints", "list", "--backend", "aws", "--region", REGION,
+                                 "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert sorted(e["name"] for e in json.loads(listed.output)) == [
+        "cifar10-old", "cifar10-untimed", "cifar10-young"]
+
+    dry = runner.invoke(app, ["endpoints", "reap", "--backend", "aws", "--region", REGION,
+                              "--older-than", "1h", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete cifar10-old" in dry.output and "1 would delete, 2 younger" in dry.output
+    assert aws.sagemaker_resources() == everything  # a dry run deletes nothing
+
+    report = reap_endpoints_flow(backend="aws", older_than_minutes=60,
+                                 aws=AwsSettings(region=REGION))
+    assert report["deleted"] == ["cifar10-old"] and report["dry_run"] is False
+    assert sorted(report["kept"]) == ["cifar10-untimed", "cifar10-young"]
+    left = {k: sorted(v) for k, v in aws.sagemaker_resources().items()}
+    survivors = sorted(["cifar10-young", "cifar10-untimed", "someone-elses-old",
+                        "other-tool-old"])
+    assert left == {"endpoints": survivors, "endpoint_configs": survivors, "models": survivors}
+    assert sagemaker_calls.params("DeleteEndpoint") == [{"EndpointName": "cifar10-old"}]
+    assert_allowed_by_caller_policy(sagemaker_calls)
