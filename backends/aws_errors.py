@@ -82,8 +82,9 @@ def translate(error: BaseException, doing: str) -> BaseException:
     if code in ACCESS_DENIED_CODES:
         action = denied_action(message, error.operation_name)
         missing = f"; grant {action} to the caller" if action else ""
-        return BackendError(f"{doing}: access denied by AWS{missing} (policies in {DOCS}). "
-                            f"AWS said: {message}")
+        # A permission is missing: configuration to fix, not a fault that a retry could cure.
+        return ConfigurationError(f"{doing}: access denied by AWS{missing} (policies in "
+                                  f"{DOCS}). AWS said: {message}")
     if code in BAD_CREDENTIALS_CODES:
         return ConfigurationError(f"{doing}: AWS rejected the credentials ({code}: {message}); "
                                   f"refresh them (`aws sso login`, new keys). See {DOCS}.")

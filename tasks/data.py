@@ -9,9 +9,10 @@ import numpy as np
 from prefect import task
 
 from model_src.cifar10 import CLASSES, read_batch
-from tasks.download import DataError, Dataset, fetch_cifar10
+from tasks.download import Dataset, fetch_cifar10
 from tasks.plots import image_grid
 from tasks.reporting import logger, markdown_image, publish_markdown
+from tasks.retries import retry_transient
 
 
 def _display_url(url: str) -> str:
@@ -23,19 +24,8 @@ def _display_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _retry_on_network_errors(task, task_run, state) -> bool:
-    """Retry a download that failed on the network; a bad checksum or archive is final."""
-    try:
-        state.result()
-    except DataError as e:
-        return "download of" in str(e)
-    except Exception:
-        return False
-    return False
-
-
 @task(name="download_data", task_run_name="download {url}", retries=2,
-      retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_network_errors)
+      retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def download_data(url: str, md5: str | None, data_root: Path) -> Dataset:
     """Fetches CIFAR-10 into ``data_root`` unless a verified copy is already there."""
     log = logger()

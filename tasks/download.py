@@ -40,8 +40,12 @@ class ChecksumMismatch(DataError):
     pass
 
 
-class UnsafeArchive(DataError):
-    pass
+class BadArchive(DataError):
+    """The archive is unreadable or holds no CIFAR-10 batches: fetching it again won't help."""
+
+
+class UnsafeArchive(BadArchive):
+    """The archive tries to write outside its directory, or holds links or devices."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
     except UnsafeArchive:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{archive.name} is not a readable tar archive "
+        raise BadArchive(f"{archive.name} is not a readable tar archive "
                         f"(truncated or corrupt?): {e}") from e
 
 
@@ -143,7 +147,7 @@ def _find_batch_dir(root: Path) -> Path:
     for candidate in [root / BATCH_DIR, root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
         if (candidate / "test_batch").is_file() and any(candidate.glob("data_batch_*")):
             return candidate
-    raise DataError("the archive holds no CIFAR-10 batches (data_batch_* and test_batch)")
+    raise BadArchive("the archive holds no CIFAR-10 batches (data_batch_* and test_batch)")
 
 
 def fetch_cifar10(data_root: Path, url: str = DEFAULT_URL, md5: str | None = DEFAULT_MD5,

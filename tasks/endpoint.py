@@ -17,6 +17,7 @@ from model_src.cifar10 import CLASSES, read_batch
 from tasks.download import Dataset
 from tasks.plots import image_grid
 from tasks.reporting import logger, markdown_image, publish_markdown, publish_table
+from tasks.retries import retry_transient
 
 NPY = "application/x-npy"
 IMAGES_PER_REQUEST = 256  # 256 float32 images are 3 MiB, well inside the 6 MiB payload limit
@@ -135,7 +136,7 @@ def _publish(result: SmokeResult, pixels: np.ndarray, labels: np.ndarray,
 
 
 @task(name="delete_endpoint", task_run_name="delete endpoint {name}", cache_policy=NO_CACHE,
-      retries=3, retry_delay_seconds=[2, 10, 30])
+      retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
 def delete_endpoint(backend: Backend, name: str) -> bool:
     """Deletes endpoint, endpoint config and model. A missing endpoint is success."""
     deleted = backend.delete_endpoint(name)

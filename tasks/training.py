@@ -12,12 +12,13 @@ from prefect.cache_policies import NO_CACHE
 from backends.base import Backend, TrainingResult, TrainingSpec
 from tasks.download import Dataset
 from tasks.reporting import Progress, logger, publish_table
+from tasks.retries import retry_transient
 
 EPOCH_LINE = re.compile(r"\bepoch=(\d+);.*\btrain_loss=([0-9.]+);")
 
 
 @task(name="upload_data", task_run_name="upload data to {backend.name}", cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=10)
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def upload_data(backend: Backend, dataset: Dataset) -> str:
     """Uploads the batch directory as the training channel; unchanged files are skipped."""
     log = logger()

@@ -175,7 +175,7 @@ def test_aws_errors_are_translated_into_actionable_messages():
     passrole = translate(client_error(
         "AccessDeniedException", f"User: arn:aws:sts::{ACCOUNT}:assumed-role/ci/x is not "
         f"authorized to perform: iam:PassRole on resource: {ROLE_ARN}"), "creating model m")
-    assert type(passrole) is BackendError and "grant iam:PassRole" in str(passrole)
+    assert type(passrole) is ConfigurationError and "grant iam:PassRole" in str(passrole)
     expired = translate(client_error("ExpiredTokenException", "The security token included "
                                      "in the request is expired"), "listing endpoints")
     assert isinstance(expired, ConfigurationError) and "aws sso login" in str(expired)
