@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow
 from pydantic import Field
@@ -16,12 +16,21 @@ from tasks.reporting import logger
 @flow(name="cifar10-endpoint-reaper", log_prints=True)
 def reap_endpoints_flow(
     backend: Literal["local", "aws"] = "local",
-    older_than_minutes: int = Field(120, ge=1, description="delete endpoints older than this"),
+    # The bound goes in Annotated: from a Field() default Prefect's parameter schema keeps no
+    # bound, so the API could not reject 0. (Its descriptions come from the docstring.)
+    older_than_minutes: Annotated[int, Field(ge=1)] = 120,
     dry_run: bool = False,
     aws: AwsSettings = AwsSettings(),  # noqa: B008
 ) -> dict:
     """Deletes pipeline-owned endpoints (tagged managed-by=cifar10-pipeline) older than the
-    TTL: what a crashed or killed run could not tear down."""
+    TTL: what a crashed or killed run could not tear down.
+
+    Args:
+        backend: where the endpoints live: local (this machine) or aws
+        older_than_minutes: delete endpoints older than this
+        dry_run: only report what would be deleted
+        aws: region, role and bucket for the aws backend
+    """
     target = make_backend(PipelineConfig(backend=backend, aws=aws))
     report = reap_endpoints(target, dt.timedelta(minutes=older_than_minutes), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"

@@ -1,0 +1,73 @@
+"""Serve the scheduled deployments: the nightly pipeline and the hourly endpoint reaper.
+
+Registers both with the Prefect server at ``PREFECT_API_URL`` and runs their scheduled and
+manually triggered runs as subprocesses of this process, until stopped (Ctrl-C; the schedules
+are then paused, since nothing would run them). ``make serve`` runs it against ``make ui``'s
+server::
+
+    python -m deployments.serve [--timezone Europe/Berlin] [--cron '0 2 * * *']
+                                [--reaper-cron '30 * * * *']
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deployments.definitions import (
+    PIPELINE_CRON,
+    REAPER_CRON,
+    TIMEZONE_ENV,
+    pipeline_deployment,
+    reaper_deployment,
+    schedule_timezone,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deployments.serve",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cron", default=PIPELINE_CRON,
+                        help=f"the pipeline's schedule (default: {PIPELINE_CRON!r}, nightly)")
+    parser.add_argument("--reaper-cron", default=REAPER_CRON,
+                        help=f"the reaper's schedule (default: {REAPER_CRON!r}, hourly)")
+    parser.add_argument("--timezone", default=schedule_timezone(),
+                        help=f"IANA timezone both schedules are read in (default: "
+                             f"${TIMEZONE_ENV}, else UTC)")
+    return parser.parse_args(argv)
+
+
+def api_problem() -> str | None:
+    """Why serving would not work here, or None. Without PREFECT_API_URL Prefect would start
+    a temporary server, which runs no scheduler: the schedules would never fire."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return ("PREFECT_API_URL is not set. Start the server with `make ui`, then use "
+                "`make serve` (or export PREFECT_API_URL=http://127.0.0.1:4200/api).")
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        return f"the Prefect API at {url} does not answer ({error}). Is `make ui` running?"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        deployments = [pipeline_deployment(args.cron, args.timezone),
+                       reaper_deployment(args.reaper_cron, args.timezone)]
+    except ValueError as e:  # a bad cron string or timezone
+        sys.exit(f"error: {e}")
+    if problem := api_problem():
+        sys.exit(f"error: {problem}")
+
+    from prefect import serve
+
+    serve(*deployments)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The deployments in deployments/: what serve.py registers, that prefect.yaml says the same,
+that the API plans the schedule's runs and rejects bad parameters, and that a deployment run
+executes the flow to Completed on generated data (what `make serve` does, one polling round).
+
+The test harness's temporary server runs no scheduler, so the schedule is planned through the
+API's own endpoint (POST /deployments/{id}/schedule), which the scheduler service also calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+import zoneinfo
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from deployments import definitions
+from deployments.definitions import (
+    PIPELINE_CRON,
+    PIPELINE_DEPLOYMENT,
+    REAPER_CRON,
+    REAPER_DEPLOYMENT,
+    pipeline_deployment,
+    pipeline_parameters,
+    reaper_deployment,
+    reaper_parameters,
+)
+from flows.config import PipelineConfig
+from tests.conftest import REPO
+from tests.test_flow import ARTIFACT_KEYS, artifacts_of, config_for
+
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+# A zone without daylight saving and with a half-hour offset: proves the schedule is read in
+# the configured zone, not in UTC or the machine's, on any day of the year.
+TIMEZONE = "Asia/Kolkata"
+STAGE_TASKS = ["download_data", "preview_data", "upload_data", "fit", "deploy", "smoke_predict",
+               "delete_endpoint", "publish_summary"]
+
+
+def api() -> httpx.Client:
+    """A plain HTTP client for the harness's API: the REST calls a UI or script makes."""
+    from prefect.settings import get_current_settings
+
+    return httpx.Client(base_url=get_current_settings().api.url, timeout=30)
+
+
+def flow_runs_of(deployment_id, auto_scheduled: bool = False) -> list[dict[str, Any]]:
+    body: dict[str, Any] = {"deployments": {"id": {"any_": [str(deployment_id)]}},
+                            "sort": "EXPECTED_START_TIME_ASC"}
+    if auto_scheduled:  # what a schedule created, as opposed to runs asked for by hand
+        body["flow_runs"] = {"state": {"type": {"any_": ["SCHEDULED"]}},
+                             "tags": {"all_": ["auto-scheduled"]}}
+    with api() as client:
+        response = client.post("/flow_runs/filter", json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+# --- what serve.py registers (no server needed) ----------------------------------------------
+
+def test_pipeline_deployment_defaults():
+    deployment = pipeline_deployment()
+    assert deployment.name == PIPELINE_DEPLOYMENT == "nightly"
+    assert deployment.flow_name == "cifar10-pipeline"
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
+    assert deployment.parameters == {"config": PipelineConfig().model_dump(mode="json")}
+    assert deployment.tags == ["cifar10", "sagemaker", "pytorch"]
+    assert deployment.version == definitions.project_version() != "0+unknown"
+    assert deployment.description.startswith("Nightly: download CIFAR-10")
+    assert deployment.enforce_parameter_schema is True
+    assert deployment.entrypoint == "flows.pipeline.cifar10_pipeline"
+
+
+def test_reaper_deployment_defaults():
+    deployment = reaper_deployment()
+    assert (deployment.name, deployment.flow_name) == (REAPER_DEPLOYMENT, "cifar10-endpoint-reaper")
+    assert deployment.schedules[0].schedule.cron == REAPER_CRON == "30 * * * *"
+    assert deployment.parameters == {"backend": "local", "older_than_minutes": 120,
+                                     "dry_run": False}
+    assert "reaper" in deployment.tags
+    assert deployment.entrypoint == "flows.reaper.reap_endpoints_flow"
+
+
+def test_timezone_comes_from_the_environment_or_the_argument(monkeypatch):
+    monkeypatch.setenv(definitions.TIMEZONE_ENV, "Europe/Berlin")
+    assert pipeline_deployment().schedules[0].schedule.timezone == "Europe/Berlin"
+    assert reaper_deployment().schedules[0].schedule.timezone == "Europe/Berlin"
+    assert pipeline_deployment(timezone=TIMEZONE).schedules[0].schedule.timezone == TIMEZONE
+
+
+def test_bad_schedule_settings_are_clear_errors():
+    from deployments.serve import main
+
+    with pytest.raises(SystemExit, match="unknown timezone 'Mars/Olympus'"):
+        main(["--timezone", "Mars/Olympus"])
+    with pytest.raises(SystemExit, match="Invalid cron string"):
+        main(["--cron", "0 25 * * *"])
+
+
+def test_serve_refuses_to_run_without_a_server():
+    """Without PREFECT_API_URL, Prefect would serve against a temporary server that has no
+    scheduler: nothing would ever run on schedule."""
+    from prefect.settings import temporary_settings
+
+    from deployments.serve import main
+
+    with temporary_settings(updates={"api.url": None}), \
+            pytest.raises(SystemExit, match=r"PREFECT_API_URL is not set.*make ui"):
+        main([])
+
+
+def test_prefect_yaml_matches_the_served_deployments():
+    """The work-pool route must schedule and parameterise runs exactly like `make serve`."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    for served in (pipeline_deployment(), reaper_deployment()):
+        worker = by_name[f"{served.name}-worker"]
+        [schedule] = worker["schedules"]
+        assert schedule["cron"] == served.schedules[0].schedule.cron
+        assert schedule["timezone"] == "{{ $" + definitions.TIMEZONE_ENV + " }}"
+        assert worker["parameters"] == served.parameters
+        assert worker["tags"] == served.tags
+        assert worker["description"] == served.description
+        assert worker["version"] == served.version
+        assert worker["enforce_parameter_schema"] is True
+        assert worker["work_pool"]["name"] == "cifar10-local"
+        path, name = worker["entrypoint"].split(":")
+        flow = load_flow_from_entrypoint(str(REPO / path) + ":" + name)
+        assert flow.name == served.flow_name
+
+
+# --- against the API (the session's temporary server) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def deployed(prefect_harness):
+    """Both deployments applied as serve.py applies them, the pipeline's schedule in a
+    non-UTC zone."""
+    pipeline = pipeline_deployment(timezone=TIMEZONE)
+    reaper = reaper_deployment()
+    return {"pipeline": pipeline, "pipeline_id": pipeline.apply(),
+            "reaper": reaper, "reaper_id": reaper.apply()}
+
+
+def test_the_api_holds_the_deployment_with_its_schedule_and_parameters(deployed):
+    with api() as client:
+        response = client.get(f"/deployments/name/cifar10-pipeline/{PIPELINE_DEPLOYMENT}")
+    response.raise_for_status()
+    stored = response.json()
+    assert stored["id"] == str(deployed["pipeline_id"])
+    [schedule] = stored["schedules"]
+    assert schedule["active"] is True and stored["paused"] is False
+    assert schedule["schedule"] == {"cron": PIPELINE_CRON, "timezone": TIMEZONE, "day_or": True}
+    assert stored["parameters"] == pipeline_parameters()
+    assert stored["enforce_parameter_schema"] is True
+    assert stored["version"] == definitions.project_version()
+    assert set(stored["tags"]) == {"cifar10", "sagemaker", "pytorch"}
+    assert "config" in stored["parameter_openapi_schema"]["properties"]
+
+
+def next_daily(hour: int, zone: str, after: dt.datetime, count: int) -> list[dt.datetime]:
+    """The next ``count`` times at ``hour``:00 in ``zone`` after ``after``, in UTC."""
+    tz = zoneinfo.ZoneInfo(zone)
+    local = after.astimezone(tz)
+    first = local.replace(hour=hour, minute=0, second=0, microsecond=0)
+    if first <= local:
+        first += dt.timedelta(days=1)
+    return [(first + dt.timedelta(days=i)).astimezone(dt.UTC) for i in range(count)]
+
+
+def test_asking_the_api_to_schedule_plans_the_nightly_runs(deployed):
+    deployment_id = deployed["pipeline_id"]
+    before = dt.datetime.now(dt.UTC)
+    with api() as client:
+        response = client.post(f"/deployments/{deployment_id}/schedule",
+                               json={"min_runs": 3, "max_runs": 3})
+    response.raise_for_status()
+    upcoming = flow_runs_of(deployment_id, auto_scheduled=True)
+    times = [dt.datetime.fromisoformat(r["expected_start_time"]) for r in upcoming]
+    print("next nightly runs (Asia/Kolkata 02:00) as the API reported them:",
+          ", ".join(t.isoformat() for t in times))
+    assert times == next_daily(2, TIMEZONE, before, 3)
+    assert all(t.astimezone(zoneinfo.ZoneInfo(TIMEZONE)).hour == 2 for t in times)
+    for run in upcoming:
+        assert run["parameters"] == pipeline_parameters()
+        assert "auto-scheduled" in run["tags"]
+    # the reaper: hourly at half past, in UTC
+    with api() as client:
+        client.post(f"/deployments/{deployed['reaper_id']}/schedule",
+                    json={"min_runs": 2, "max_runs": 2}).raise_for_status()
+    reaper_times = [dt.datetime.fromisoformat(r["expected_start_time"])
+                    for r in flow_runs_of(deployed["reaper_id"], auto_scheduled=True)]
+    assert len(reaper_times) == 2 and all(t.minute == 30 for t in reaper_times)
+    assert reaper_times[1] - reaper_times[0] == dt.timedelta(hours=1)
+
+
+BAD_PARAMETERS = [
+    ("pipeline", {"config": {"training": {"epochs": 0}}},
+     "Validation failed for field 'config.training.epochs'. Failure reason: 0 is less than "
+     "the minimum of 1"),
+    ("pipeline", {"config": {"backend": "gcp"}},
+     "Validation failed for field 'config.backend'. Failure reason: 'gcp' is not one of "
+     "['local', 'aws']"),
+    ("pipeline", {"config": {"trainig": {"epochs": 3}}},
+     "Additional properties are not allowed ('trainig' was unexpected)"),
+    ("pipeline", {"config": {"smoke_test": {"accuracy_floor": 1.5}}},
+     "Validation failed for field 'config.smoke_test.accuracy_floor'. Failure reason: 1.5 is "
+     "greater than the maximum of 1"),
+    ("reaper", {"older_than_minutes": 0},
+     "Validation failed for field 'older_than_minutes'. Failure reason: 0 is less than the "
+     "minimum of 1"),
+]
+
+
+@pytest.mark.parametrize(("which", "parameters", "message"), BAD_PARAMETERS,
+                         ids=["zero-epochs", "unknown-backend", "misspelt-section",
+                              "floor-above-1", "reaper-zero-ttl"])
+def test_bad_parameters_are_rejected_before_a_run_exists(deployed, which, parameters, message):
+    deployment_id = deployed[f"{which}_id"]
+    runs_before = len(flow_runs_of(deployment_id))
+    with api() as client:
+        response = client.post(f"/deployments/{deployment_id}/create_flow_run",
+                               json={"parameters": parameters})
+    assert response.status_code == 409, response.text
+    assert message in response.json()["detail"]
+    assert len(flow_runs_of(deployment_id)) == runs_before  # nothing was created, let alone run
+
+
+# --- a deployment run, executed as `make serve` executes it ----------------------------------
+
+def run_due_runs_once(*deployments) -> None:
+    """One polling round of the runner that `serve` starts: submit the runs that are due as
+    subprocesses and wait for them to finish."""
+    from prefect.runner import Runner
+
+    async def poll_once() -> None:
+        runner = Runner(pause_on_shutdown=False, limit=2)
+        for deployment in deployments:
+            await runner.aadd_deployment(deployment)
+        await runner.start(run_once=True)
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # the runner installs its own in the main thread
+    try:
+        asyncio.run(poll_once())
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+@contextlib.contextmanager
+def subprocess_env(tmp_path_factory) -> Iterator[None]:
+    """For the flow-run subprocesses: this checkout on the path (whichever is installed), and
+    a pipeline state directory of their own, so their download does not pre-empt test_flow's
+    first one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+            str(REPO), os.environ.get("PYTHONPATH")])))
+        mp.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path_factory.mktemp("deployment-state")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def deployment_runs(deployed, http_server, cifar_tarball, tmp_path_factory):
+    """A good run and one that bypasses the API's parameter check (a client may ask for that),
+    both executed by the runner in subprocesses."""
+    good = {"config": config_for(http_server, cifar_tarball).model_dump(mode="json")}
+    bad = {"config": {**good["config"], "training": {"epochs": 0}}}
+    with api() as client:
+        created = [client.post(f"/deployments/{deployed['pipeline_id']}/create_flow_run",
+                               json=body) for body in (
+            {"parameters": good, "tags": ["test"]},
+            {"parameters": bad, "enforce_parameter_schema": False, "tags": ["test"]})]
+    for response in created:
+        response.raise_for_status()
+    with subprocess_env(tmp_path_factory):
+        run_due_runs_once(deployed["pipeline"])
+    with api() as client:
+        return [client.get(f"/flow_runs/{r.json()['id']}").json() for r in created]
+
+
+def task_runs_of(flow_run_id: str) -> list[dict[str, Any]]:
+    with api() as client:
+        response = client.post("/task_runs/filter", json={
+            "flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+    response.raise_for_status()
+    return response.json()
+
+
+def test_a_deployment_run_completes_on_generated_data(deployment_runs, deployed):
+    run = deployment_runs[0]
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["deployment_id"] == str(deployed["pipeline_id"])
+    assert run["name"].startswith("local-tutorial-")  # the flow's run name, from the config
+    tasks = task_runs_of(run["id"])
+    assert sorted(t["task_key"].split("-")[0] for t in tasks) == sorted(STAGE_TASKS)
+    assert {t["state"]["type"] for t in tasks} == {"COMPLETED"}
+    assert set(artifacts_of(run["id"])) >= ARTIFACT_KEYS
+
+
+def test_parameters_that_bypass_the_api_check_fail_before_any_task(deployment_runs):
+    """Prefect validates again when the flow starts: a run the API was told not to check ends
+    Failed with the pydantic message, and no task ran."""
+    run = deployment_runs[1]
+    print("a run that bypassed the API check ended:", run["state"]["message"])
+    assert run["state"]["type"] == "FAILED"
+    assert "Validation of flow parameters failed" in run["state"]["message"]
+    assert task_runs_of(run["id"]) == []
+
+
+def test_reaper_deployment_runs(deployed, tmp_path_factory):
+    with api() as client:
+        response = client.post(f"/deployments/{deployed['reaper_id']}/create_flow_run",
+                               json={"parameters": {"dry_run": True}})
+    response.raise_for_status()
+    with subprocess_env(tmp_path_factory):
+        run_due_runs_once(deployed["reaper"])
+    with api() as client:
+        run = client.get(f"/flow_runs/{response.json()['id']}").json()
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"] == {**reaper_parameters(), "dry_run": True}
+
+
+def test_parameters_are_merged_per_key(deployed):
+    """Documented behaviour for the README: an override replaces a top-level parameter whole.
+    `--param config='{"training": {"epochs": 5}}'` runs with every other config field at its
+    default, so the deployment's defaults must be the flow's defaults (they are)."""
+    with api() as client:
+        response = client.post(f"/deployments/{deployed['pipeline_id']}/create_flow_run",
+                               json={"parameters": {"config": {"training": {"epochs": 5}}},
+                                     "state": {"type": "SCHEDULED", "state_details": {
+                                         "scheduled_time": "2099-01-01T00:00:00Z"}}})
+    response.raise_for_status()
+    assert response.json()["parameters"] == {"config": {"training": {"epochs": 5}}}
+    resolved = PipelineConfig.model_validate(response.json()["parameters"]["config"])
+    assert resolved.model_dump(mode="json") == {
+        **pipeline_parameters()["config"],
+        "training": {**pipeline_parameters()["config"]["training"], "epochs": 5}}
+

@@ -1,0 +1,256 @@
+"""End to end, the way a user does it, with real processes: `prefect server start` (API, UI and
+the scheduler) on a free loopback port over a temporary PREFECT_HOME, `python -m
+deployments.serve` against it, `prefect deployment run` with parameter overrides (generated
+data over loopback HTTP, fast hyperparameters), and the flow run's page in headless Chromium.
+
+Every process starts in its own process group and is stopped with its group when the module's
+tests end, pass or fail. Screenshots go to the pytest temp dir and to .state/screenshots/
+(or $CIFAR10_SCREENSHOT_DIR); their paths are printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zoneinfo
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.processes import free_port
+from deployments.definitions import pipeline_parameters
+from flows.pipeline import resource_name
+from tests import live
+from tests.browser import Browser, find_chromium
+from tests.conftest import REPO
+from tests.test_flow import ARTIFACT_KEYS, config_for
+
+pytestmark = pytest.mark.slow
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class Server:
+    url: str            # http://127.0.0.1:<port>; the UI is served at its root
+    env: dict[str, str]  # the environment of a client of this server (CLI, serve)
+    logs: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return live.api(self.url, method, f"/api{path}", body)
+
+
+def zone_far_from_2am(now: dt.datetime) -> str:
+    """An Etc/GMT zone in which it is about 14:00 now: the nightly 02:00 run is half a day
+    away, so the real scheduler cannot start a real pipeline run (one that would download the
+    real CIFAR-10) during the test. Etc/GMT signs are POSIX ones: Etc/GMT-5 is UTC+5."""
+    offset = (14 - now.hour) % 24
+    if offset > 12:
+        offset -= 24
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("real-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(base / "prefect-home")
+    server_env = {
+        **env,
+        # The settings, not `--port`: the UI asks the server for its API URL, which is built
+        # from these (with --port alone the UI would call port 4200).
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # plan new schedules quickly
+    }
+    client_env = {
+        **env,
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # serve picks up a triggered run within 2 s
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "COLUMNS": "240",  # the CLI's rich output is wrapped at the terminal width
+        # the pipeline's own state (data, jobs, endpoints): apart from the other tests'
+        "CIFAR10_PIPELINE_HOME": str(base / "pipeline-home"),
+    }
+    log = base / "server.log"
+    with live.running([sys.executable, "-m", "prefect", "server", "start"], log,
+                      env=server_env, cwd=base) as process:
+        live.wait_until(lambda: live.api(url, "GET", "/api/health") is True,
+                        "prefect server start", timeout=120, process=process, log=log)
+        yield Server(url=url, env=client_env, logs=base)
+
+
+def prefect(server: Server, *args: str, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> tuple[int, str]:
+    """The prefect CLI against ``server``: (exit code, its output on one line)."""
+    result = subprocess.run([sys.executable, "-m", "prefect", *args],
+                            env={**server.env, **(env or {})}, cwd=cwd or server.logs,
+                            capture_output=True, text=True, timeout=180)
+    return result.returncode, " ".join((result.stdout + result.stderr).split())
+
+
+@pytest.fixture(scope="module")
+def served(server) -> Iterator[dict[str, Any]]:
+    """`make serve`: both deployments registered and a runner polling for their runs."""
+    timezone = zone_far_from_2am(dt.datetime.now(dt.UTC))
+    log = server.logs / "serve.log"
+    with live.running([sys.executable, "-m", "deployments.serve"], log,
+                      env={**server.env, "CIFAR10_SCHEDULE_TZ": timezone},
+                      cwd=server.logs) as process:
+        nightly = live.wait_until(
+            lambda: server.api("GET", "/deployments/name/cifar10-pipeline/nightly"),
+            "serve registers the nightly deployment", timeout=120, process=process, log=log)
+        live.wait_until(lambda: "being served" in log.read_text(errors="replace"),
+                        "serve starts polling", timeout=60, process=process, log=log)
+        yield {"deployment": nightly, "timezone": timezone, "process": process, "log": log}
+
+
+def runs_of(server: Server, deployment_id: str, auto_scheduled: bool = False) -> list[dict]:
+    body: dict[str, Any] = {"deployments": {"id": {"any_": [deployment_id]}},
+                            "sort": "EXPECTED_START_TIME_ASC"}
+    if auto_scheduled:
+        body["flow_runs"] = {"state": {"type": {"any_": ["SCHEDULED"]}},
+                             "tags": {"all_": ["auto-scheduled"]}}
+    return server.api("POST", "/flow_runs/filter", body)
+
+
+def manual_runs(server: Server, deployment_id: str) -> list[dict]:
+    """Runs asked for by hand (the scheduler adds its own at any moment)."""
+    return [r for r in runs_of(server, deployment_id) if "auto-scheduled" not in r["tags"]]
+
+
+def test_the_cli_rejects_bad_parameters_before_anything_starts(server, served):
+    before = len(manual_runs(server, served["deployment"]["id"]))
+    code, output = prefect(server, "deployment", "run", "cifar10-pipeline/nightly",
+                           "--param", 'config={"training": {"epochs": 0}}')
+    assert code == 1, output
+    assert ("Error creating flow run: Validation failed for field 'config.training.epochs'. "
+            "Failure reason: 0 is less than the minimum of 1") in output
+    assert len(manual_runs(server, served["deployment"]["id"])) == before
+
+
+@pytest.fixture(scope="module")
+def triggered_run(server, served, http_server, cifar_tarball) -> dict[str, Any]:
+    """`prefect deployment run` as in the README, with the config overridden to the generated
+    data and fast hyperparameters; waits for the run to end."""
+    config = config_for(http_server, cifar_tarball).model_dump(mode="json", exclude_defaults=True)
+    code, output = prefect(server, "deployment", "run", "cifar10-pipeline/nightly",
+                           "--params", json.dumps({"config": config}))
+    assert code == 0, output
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+    return live.wait_until(
+        lambda: (run := server.api("GET", f"/flow_runs/{run_id}"))
+        and run["state_type"] in FINAL_STATES and run,
+        f"flow run {run_id} finishes", timeout=240, process=served["process"],
+        log=served["log"], interval=1)
+
+
+def test_a_triggered_deployment_run_completes(triggered_run, served):
+    assert triggered_run["state_type"] == "COMPLETED", triggered_run["state"]
+    assert triggered_run["deployment_id"] == served["deployment"]["id"]
+    assert triggered_run["name"].startswith("local-tutorial-")
+
+
+def test_the_scheduler_plans_the_nightly_runs(server, served, triggered_run):
+    """The real server's scheduler service (which the test harness lacks) plans the nightly
+    runs at 02:00 in the configured timezone, with the deployment's default parameters."""
+    deployment_id = served["deployment"]["id"]
+    upcoming = live.wait_until(lambda: runs_of(server, deployment_id, auto_scheduled=True),
+                               "the scheduler plans runs", timeout=60, log=server.logs /
+                               "server.log")
+    zone = zoneinfo.ZoneInfo(served["timezone"])
+    times = [dt.datetime.fromisoformat(r["expected_start_time"]) for r in upcoming]
+    print(f"\nnext nightly runs planned by the scheduler ({served['timezone']}):",
+          ", ".join(t.isoformat() for t in times[:3]))
+    assert len(times) >= 3
+    assert all((t.astimezone(zone).hour, t.minute) == (2, 0) for t in times)
+    assert all(b - a == dt.timedelta(days=1) for a, b in itertools.pairwise(times))
+    assert times[0] - dt.datetime.now(dt.UTC) > dt.timedelta(hours=6)  # not during the test
+    assert all(r["parameters"] == pipeline_parameters() for r in upcoming)
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool(server, served):
+    """The work-pool route of `make deploy`, against the same server."""
+    code, output = prefect(server, "work-pool", "create", "cifar10-local", "--type", "process")
+    assert code == 0, output
+    code, output = prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file",
+                           "deployments/prefect.yaml", cwd=REPO,
+                           env={"CIFAR10_SCHEDULE_TZ": served["timezone"]})
+    assert code == 0, output
+    served_nightly = served["deployment"]
+    worker_nightly = server.api("GET", "/deployments/name/cifar10-pipeline/nightly-worker")
+    assert worker_nightly["work_pool_name"] == "cifar10-local"
+    assert [s["schedule"] for s in worker_nightly["schedules"]] == \
+        [s["schedule"] for s in served_nightly["schedules"]]
+    assert worker_nightly["parameters"] == served_nightly["parameters"]
+    assert worker_nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                             {"directory": str(REPO)}}]
+    # and the served deployment is untouched (the names differ on purpose)
+    assert server.api("GET", "/deployments/name/cifar10-pipeline/nightly")[
+        "work_pool_name"] is None
+
+
+def screenshot_dir() -> Path:
+    return Path(os.environ.get("CIFAR10_SCREENSHOT_DIR") or REPO / ".state" / "screenshots")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="no chromium on PATH: `make test` installs it when it runs as root "
+                           "with apt-get; otherwise `apt-get install chromium`")
+def test_the_ui_shows_the_run_its_task_runs_and_artifacts(server, triggered_run,
+                                                          tmp_path_factory):
+    chromium = find_chromium()
+    assert triggered_run["state_type"] == "COMPLETED", triggered_run["state"]
+    run_id, run_name = triggered_run["id"], triggered_run["name"]
+    job = resource_name(run_id)
+    shots = tmp_path_factory.mktemp("screenshots")
+    task_runs = [f"fit {job}", f"deploy {job}", f"smoke-predict {job}",
+                 f"delete endpoint {job}", "preview 32 training images", "upload data to local",
+                 "publish run summary", "download http://127.0.0.1:"]
+    with Browser(chromium, shots / "chromium-profile") as browser:
+        browser.open(f"{server.url}/runs/flow-run/{run_id}")
+        browser.wait_for_text(run_name, "Completed", "cifar10-pipeline", "nightly",
+                              "8 Task runs", f"Beginning flow run '{run_name}'",
+                              f"training job {job} completed")  # the Logs tab
+        time.sleep(2)  # the task graph is a canvas (no text to wait for): let it draw
+        browser.screenshot(shots / "1-flow-run.png")
+
+        browser.click("Task Runs")
+        browser.wait_for_text("(8 Completed)", *task_runs)
+        browser.screenshot(shots / "2-task-runs.png")
+
+        browser.click("Artifacts")
+        browser.wait_for_text(*sorted(ARTIFACT_KEYS), "Sample training images")
+        browser.screenshot(shots / "3-artifacts.png")
+
+        browser.click("cifar10-preview")  # the artifact's page: the embedded PNG renders
+        browser.wait_for_text("Sample training images with their class names")
+        live.wait_until(lambda: browser.evaluate(
+            "[...document.images].some(i => i.src.startsWith('data:image/png')"
+            " && i.complete && i.naturalWidth > 100)"), "the preview image renders", timeout=30)
+        browser.screenshot(shots / "4-preview-artifact.png")
+
+    kept = screenshot_dir()
+    kept.mkdir(parents=True, exist_ok=True)
+    for shot in sorted(shots.glob("*.png")):
+        shutil.copy(shot, kept / shot.name)
+    print(f"\nUI screenshots of flow run {run_name}: {shots} (copied to {kept})")
