@@ -154,3 +154,30 @@ def test_model_fn_refuses_pickled_code_in_weights(tmp_path, model_dir):
     with pytest.raises(pickle.UnpicklingError):
         cifar10.model_fn(str(tampered))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((1, 3, 32, 32), np.float32), np.ones((5, 3, 32, 32), np.float64),
+    np.arange(3 * 32 * 32, dtype=np.uint8).reshape(3, 32, 32),
+    np.asfortranarray(np.random.default_rng(0).random((2, 3, 32, 32)).astype(np.float16)),
+    np.zeros((0, 3, 32, 32), ">f4"), np.zeros((), np.float32),
+])
+def test_fast_npy_header_parser_agrees_with_numpy(array):
+    body = npy(array)
+    buffer = io.BytesIO(body)
+    np.lib.format.read_magic(buffer)
+    expected = np.lib.format.read_array_header_1_0(buffer)
+    assert cifar10._NPY_HEADER.match(body), "numpy's own header should take the fast path"
+    shape, fortran_order, dtype, offset = cifar10._npy_header(body)
+    assert (shape, fortran_order, dtype) == expected and offset == buffer.tell()
+
+
+def test_unusual_npy_headers_fall_back_to_numpys_parser():
+    body = npy(np.zeros((1, 3, 32, 32), np.float32))
+    header_end = body.index(b"\n") + 1
+    # Same header, keys in another order (valid .npy; not numpy's own spelling).
+    reordered = (b"{'shape': (1, 3, 32, 32), 'fortran_order': False, 'descr': '<f4', }"
+                 .ljust(header_end - 10 - 1) + b"\n")
+    body2 = body[:10] + reordered + body[header_end:]
+    assert not cifar10._NPY_HEADER.match(body2)
+    assert cifar10.input_fn(body2, "application/x-npy").shape == (1, 3, 32, 32)
