@@ -117,9 +117,11 @@ def load_cifar10(data_dir: str | Path) -> dict[str, torch.Tensor]:
     }
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from 256-bin
-    histograms (far cheaper than converting the whole set to floating point)."""
+def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the [0, 1] scale, from 256-bin histograms
+    of an evenly spaced sample of at most ``sample`` images (on CIFAR-10 within 1e-3 of the
+    full set's values, at a fifth of the cost)."""
+    images = images[:: max(1, len(images) // sample)]
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
     for channel in range(images.shape[1]):
@@ -312,9 +314,9 @@ class Classifier(nn.Module):
 PRESETS: dict[str, dict] = {
     "tutorial": {
         "network": TutorialNet,
-        "epochs": 3, "batch_size": 64, "lr": 0.02, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_fraction": 0.0,
-        "augment_pad": 0, "jpeg_fraction": 0.0, "flip_tta": False, "bf16": False,
+        "epochs": 2, "batch_size": 128, "lr": 0.08, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_fraction": 0.1,
+        "augment_pad": 0, "jpeg_fraction": 0.0, "flip_tta": False, "bf16": True,
         # Its convolutions are so small that oneDNN's per-call set-up (~60 µs each) costs
         # more than the arithmetic: serving answers twice as fast with the native kernels.
         "onednn_inference": False,
@@ -409,6 +411,34 @@ def init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[in
     return rank, world_size
 
 
+class SGD:
+    """SGD with (Nesterov) momentum and decoupled-from-biases weight decay, written out.
+
+    The same update as ``torch.optim.SGD`` (buffer = momentum * buffer + gradient), without
+    its constructor, which imports torch._dynamo: a second, a fifth of a default training run.
+    Weight decay applies to weight matrices and kernels only, not to biases and norms.
+    """
+
+    def __init__(self, params: list[torch.Tensor], momentum: float, nesterov: bool,
+                 weight_decay: float) -> None:
+        self.params = params
+        self.buffers = [torch.zeros_like(p) for p in params]
+        self.decays = [weight_decay if p.ndim > 1 else 0.0 for p in params]
+        self.momentum, self.nesterov = momentum, nesterov and momentum > 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """Applies the gradients at learning rate ``lr``, then clears them."""
+        for param, buffer, decay in zip(self.params, self.buffers, self.decays, strict=True):
+            grad = param.grad
+            if decay:
+                grad = grad.add(param, alpha=decay)
+            buffer.mul_(self.momentum).add_(grad)
+            update = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
+            param.add_(update, alpha=-lr)
+            param.grad = None
+
+
 def lr_at(step: int, total_steps: int, warmup_fraction: float) -> float:
     """Learning-rate multiplier: linear warm-up, then linear decay to zero (one cycle)."""
     warmup = int(total_steps * warmup_fraction)
@@ -479,15 +509,8 @@ def train(args: argparse.Namespace) -> dict:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index or 0] if use_cuda else None
         )
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe["weight_decay"]},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, momentum=args.momentum, nesterov=recipe["nesterov"] and args.momentum > 0,
-    )
+    optimizer = SGD([p for p in model.parameters() if p.requires_grad], args.momentum,
+                    recipe["nesterov"], recipe["weight_decay"])
     # DistributedSampler shards a fresh permutation per epoch; with one host it is a shuffle.
     sampler = torch.utils.data.DistributedSampler(
         range(len(train_x)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
@@ -513,14 +536,11 @@ def train(args: argparse.Namespace) -> dict:
             if recipe["jpeg_fraction"]:
                 x = random_jpeg(x, recipe["jpeg_fraction"], augment_gen)
             x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_at(step, total_steps, recipe["warmup_fraction"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer.step(args.lr * lr_at(step, total_steps, recipe["warmup_fraction"]))
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             step += 1

@@ -163,3 +163,33 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def test_hand_written_sgd_matches_torch_optim():
+    """The entry script's SGD (written out to avoid torch.optim's import of torch._dynamo) makes
+    exactly torch.optim.SGD's updates, weight decay on weights only."""
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    try:
+        import cifar10
+    finally:
+        sys.path.pop(0)
+    for nesterov, decay in [(False, 0.0), (True, 5e-4)]:
+        torch.manual_seed(0)
+        ours = cifar10.build_model("airbench", [0.5] * 3, [0.25] * 3)
+        theirs = cifar10.build_model("airbench", [0.5] * 3, [0.25] * 3)
+        theirs.load_state_dict(ours.state_dict())
+        mine = cifar10.SGD(list(ours.parameters()), 0.9, nesterov, decay)
+        params = list(theirs.parameters())
+        reference = torch.optim.SGD(
+            [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+            lr=0.05, momentum=0.9, nesterov=nesterov)
+        for _ in range(3):
+            x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+            torch.nn.functional.cross_entropy(ours(x), y).backward()
+            mine.step(0.05)
+            torch.nn.functional.cross_entropy(theirs(x), y).backward()
+            reference.step()
+            reference.zero_grad()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
