@@ -302,7 +302,9 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
+        # Normalise in the input's NCHW layout (broadcasting over 3 channels is several times
+        # slower in channels-last), then hand the body channels-last: faster convolutions.
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         logits = self.body(x)
         if self.flip_tta and not self.training:
             logits = (logits + self.body(x.flip(-1))) / 2
@@ -464,9 +466,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 images → float [0, 1] in channels-last layout (faster convolutions on CPU and GPU)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last)
+    """uint8 images → float pixels in [0, 1]."""
+    return images.to(device, non_blocking=True).float().div_(255)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -535,7 +536,6 @@ def train(args: argparse.Namespace) -> dict:
                 x = random_crop_flip(x, recipe["augment_pad"], augment_gen)
             if recipe["jpeg_fraction"]:
                 x = random_jpeg(x, recipe["jpeg_fraction"], augment_gen)
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe["label_smoothing"])
