@@ -20,7 +20,7 @@ serve deploy worker: export PREFECT_API_URL := $(API_URL)
 export CIFAR10_SCHEDULE_TZ ?= UTC
 WORK_POOL := cifar10-local
 
-.PHONY: setup browser test lint run ui serve deploy worker bench clean help
+.PHONY: setup browser test lint run ui serve deploy worker bench soak clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -84,8 +84,11 @@ deploy: setup | $(PREFECT_HOME)  ## work-pool route: create the process pool, ap
 worker: setup | $(PREFECT_HOME)  ## work-pool route: a process worker that runs the *-worker deployments
 	$(BIN)/prefect worker start --pool $(WORK_POOL)
 
-bench: setup  ## run the benchmarks in bench/ and print their figures
-	$(BIN)/python bench/train_vs_seed.py $(BENCH_ARGS)
+bench: setup  ## run every benchmark in bench/ and print one table (~15 min; BENCH_ARGS=--quick)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+soak: setup  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
+	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(BIN)/pytest -m soak -s $(PYTEST_ARGS)
 
 clean:  ## remove the virtual environment and all local state
 	rm -rf $(VENV) .state .pytest_cache .ruff_cache *.egg-info

@@ -30,6 +30,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -146,11 +147,17 @@ def create_app(handlers: ModuleType, model: Any, endpoint_name: str) -> Starlett
         return Response(body, media_type=content_type,
                         headers={"x-Amzn-Invoked-Production-Variant": VARIANT})
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Unknown paths and methods answer in JSON too, like every other error here."""
+        status = getattr(exc, "status_code", 500)
+        return JSONResponse({"code": status, "message": getattr(exc, "detail", str(exc))},
+                            status_code=status)
+
     return Starlette(routes=[
         Route("/ping", ping, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", runtime_invocations, methods=["POST"]),
-    ])
+    ], exception_handlers={HTTPException: http_error})
 
 
 def _model_error_message(e: RequestError) -> str:

@@ -159,7 +159,8 @@ def null_model(directory: Path) -> str:
     return archive.as_uri()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[list[str]]:
+    """Runs the benchmark; returns its headline rows for bench/run_all.py."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tutorial", help="network preset to serve")
@@ -167,7 +168,7 @@ def main() -> None:
                         help="requests per round of a 1-image case (64-image: a tenth)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
     parser.add_argument("--max-seconds", type=float, default=10, help="time cap per round")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         backend = LocalBackend(root=Path(tmp) / "state")
@@ -230,6 +231,12 @@ def main() -> None:
           f"{ratios[('server only', 1, 1)]:.0%} (c=1) / {ratios[('server only', 1, 8)]:.0%} "
           f"(c=8); with the {args.model} model {ratios[(model, 1, 1)]:.0%} (c=1) / "
           f"{ratios[(model, 1, 8)]:.0%} (c=8); target >= 60%")
+    return [
+        ["endpoint_load", f"1-image req/s vs floor, c=1 / c=8 ({args.model} model)",
+         f"{ratios[(model, 1, 1)]:.0%} / {ratios[(model, 1, 8)]:.0%}", f"{errors} errors"],
+        ["endpoint_load", "1-image req/s vs floor, c=1 / c=8 (server alone)",
+         f"{ratios[('server only', 1, 1)]:.0%} / {ratios[('server only', 1, 8)]:.0%}", ""],
+    ]
 
 
 if __name__ == "__main__":
