@@ -36,21 +36,18 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _backend(name: str, region: str | None = None) -> BackendClient:
+    """The backend for an ``endpoints`` command; use it inside ``_backend_errors()``."""
     from backends import get_backend
-    from backends.base import BackendError
 
     if name not in ("local", "aws"):
         _fail(f"unknown backend {name!r}; choose local or aws", 2)
-    try:
-        return get_backend(name, region=region) if name == "aws" else get_backend(name)
-    except BackendError as e:
-        _fail(str(e))
+    return get_backend(name, region=region) if name == "aws" else get_backend(name)
 
 
 @contextmanager
 def _backend_errors() -> Iterator[None]:
-    """A backend's errors (missing AWS credentials, region or role, access denied...) raised on
-    first use, as one clear line instead of a traceback."""
+    """A backend's errors (missing AWS credentials, region or role, access denied...), which
+    surface on first use, as one clear line instead of a traceback."""
     from backends.base import BackendError
 
     try:
@@ -84,7 +81,17 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the run summary as one JSON "
                                                          "object on stdout")] = False,
 ) -> None:
-    """Run the whole pipeline: download, preview, upload, fit, deploy, smoke-predict, delete."""
+    """Run the whole pipeline: download, preview, upload, fit, deploy, smoke-predict, delete.
+
+    The endpoint is deleted at the end, also when a stage fails, unless --keep-endpoint.
+    Examples:
+
+    cifar10-pipeline run --data-url file:///data/cifar-10-python.tar.gz --data-md5 HEX
+
+    cifar10-pipeline run --model airbench --instance-count 2 --json > summary.json
+
+    cifar10-pipeline run --backend aws --region us-east-1 --role-arn ARN --bucket NAME
+    """
     from pydantic import ValidationError
 
     try:

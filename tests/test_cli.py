@@ -1,0 +1,89 @@
+"""The `cifar10-pipeline` command line: run (with --json), option errors, and the endpoint
+commands on the local backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from backends.base import EndpointSpec, managed_tags
+from backends.local import LocalBackend
+from flows.cli import app, parse_duration
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.stdout and "endpoints" in result.stdout
+    result = runner.invoke(app, ["endpoints", "reap", "--help"])
+    assert "--older-than" in result.stdout and "--dry-run" in result.stdout
+
+
+def test_run_json_prints_the_summary_as_one_json_object(prefect_harness, http_server,
+                                                        cifar_tarball):
+    name, md5 = cifar_tarball
+    result = runner.invoke(app, [
+        "run", "--data-url", f"{http_server}/{name}", "--data-md5", md5, "--epochs", "2",
+        "--batch-size", "16", "--lr", "0.02", "--smoke-images", "50", "--accuracy-floor", "0.5",
+        "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+                                       "smoke_predict", "delete_endpoint"]
+    assert summary["smoke_test"]["images"] == 50
+    assert summary["training"]["metrics"]["test_accuracy"] > 0.5
+    assert summary["data"]["uri"].startswith("file://")
+    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
+    assert LocalBackend().describe_endpoint(summary["endpoint"]["name"]) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "training.epochs"),
+    (["--accuracy-floor", "1.5"], "smoke_test.accuracy_floor"),
+    (["--backend", "gcp"], "backend"),
+    (["--data-md5", "xyz"], "data.md5"),
+])
+def test_bad_options_are_refused_before_anything_runs(args, message):
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 2
+    assert "invalid options" in result.output and message in result.output
+
+
+def test_endpoint_commands_list_delete_and_reap(model_uri):
+    backend = LocalBackend()
+    for name in ("cli-old", "cli-young"):
+        backend.deploy(EndpointSpec(name=name, model_uri=model_uri,
+                                    tags=managed_tags("pytest")))
+    try:
+        listed = json.loads(runner.invoke(app, ["endpoints", "list", "--json"]).stdout)
+        assert {row["name"] for row in listed} >= {"cli-old", "cli-young"}
+        assert all(row["status"] == "InService" for row in listed)
+
+        dry = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s", "--dry-run"])
+        assert "would delete cli-old" in dry.stdout
+        assert backend.describe_endpoint("cli-old") is not None
+
+        assert "cli-old: deleted" in runner.invoke(app, ["endpoints", "delete", "cli-old"]).stdout
+        again = runner.invoke(app, ["endpoints", "delete", "cli-old"])
+        assert again.exit_code == 0 and "not found" in again.stdout
+
+        kept = runner.invoke(app, ["endpoints", "reap", "--older-than", "1h"])
+        assert "0 deleted, 1 younger than 1h kept" in kept.stdout
+        reaped = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s"])
+        assert "deleted cli-young" in reaped.stdout
+        assert backend.list_endpoints() == []
+    finally:
+        for name in ("cli-old", "cli-young"):
+            backend.delete_endpoint(name)
+
+
+def test_durations():
+    assert parse_duration("90s").total_seconds() == 90
+    assert parse_duration("2h").total_seconds() == 7200
+    assert parse_duration("1.5d").total_seconds() == 129600
+    with pytest.raises(Exception, match="not a duration"):
+        parse_duration("soon")
