@@ -51,6 +51,7 @@ class Net(nn.Module):
 
 
 def main(data_root: str, output: str) -> None:
+    recipe_started = time.perf_counter()  # after the imports, as the entry script's clock
     torch.manual_seed(0)
     transform = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
@@ -81,7 +82,9 @@ def main(data_root: str, output: str) -> None:
             predicted = net(images).argmax(1)
             total += labels.size(0)
             correct += (predicted == labels).sum().item()
-    result = {"test_accuracy": correct / total, "wall_seconds": time.perf_counter() - started}
+    now = time.perf_counter()
+    result = {"test_accuracy": correct / total, "wall_seconds": now - started,
+              "recipe_seconds": now - recipe_started}
     with open(output, "w") as f:
         json.dump(result, f)
     print(result, flush=True)

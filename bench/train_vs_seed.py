@@ -8,7 +8,10 @@ Runs, each as its own process and one after the other (so they never share the C
    tensors);
 3. with --strong, our entry script's stronger preset (airbench).
 
-Prints wall time (process start to test accuracy), test accuracy, and the time ratio.
+Prints two times for each: the recipe's (from loading the data to the test accuracy, by a
+clock in the process, after its imports) and the process's wall time (interpreter start and
+`import torch`, ~1.4 s here, included), the test accuracy, and the speed-up on the recipe
+time. The seed's own accuracy is deterministic (seeded), and so is ours.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def run_entry_script(batch_dir: Path, work: Path, name: str, args: list[str]) ->
     wall = time.perf_counter() - started
     metrics = json.loads((work / name / "output" / "data" / "metrics.json").read_text())
     return {"test_accuracy": metrics["test_accuracy"], "wall_seconds": wall,
-            "epochs": metrics["epochs"], "batch_size": metrics["batch_size"]}
+            "recipe_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
+            "batch_size": metrics["batch_size"]}
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
@@ -52,9 +56,9 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strong", action="store_true",
-                        help="also train the stronger preset (airbench, ~9 minutes here)")
+                        help="also train the stronger preset (airbench, ~7 minutes here)")
     parser.add_argument("--skip-seed", action="store_true",
-                        help="skip the ~5-minute seed recipe (no ratio is printed)")
+                        help="skip the seed recipe (2-5 minutes here; no ratio is printed)")
     args = parser.parse_args(argv)
     batch_dir = real_cifar10()
     print(f"machine: {machine()}")
@@ -66,37 +70,43 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         if not args.skip_seed:
             print("running the seed recipe...", flush=True)
             seed = run_seed(batch_dir.parent, work)
-            rows.append(["seed notebook (tutorial net, batch 4, PIL transforms)",
-                         f"{seed['wall_seconds']:.1f}", f"{seed['test_accuracy']:.4f}", "1.00"])
         print("running our default configuration...", flush=True)
         ours = run_entry_script(batch_dir, work, "default", [])
-        ratio = f"{seed['wall_seconds'] / ours['wall_seconds']:.2f}" if seed else "-"
-        rows.append([f"ours, default (tutorial net, batch {ours['batch_size']}, "
-                     f"{ours['epochs']} epochs, tensors)", f"{ours['wall_seconds']:.1f}",
-                     f"{ours['test_accuracy']:.4f}", ratio])
+        strong = None
         if args.strong:
             print("running our stronger preset...", flush=True)
             strong = run_entry_script(batch_dir, work, "strong", ["--model", "airbench"])
-            ratio = f"{seed['wall_seconds'] / strong['wall_seconds']:.2f}" if seed else "-"
-            rows.append([f"ours, --model airbench ({strong['epochs']} epochs)",
-                         f"{strong['wall_seconds']:.1f}", f"{strong['test_accuracy']:.4f}",
-                         ratio])
-    print()
-    print_table(["recipe", "wall s", "test acc", "speed-up vs seed"], rows)
-    summary = [["train_vs_seed", f"default: wall s / test acc (seed {seed['wall_seconds']:.0f} s"
-                f" / {seed['test_accuracy']:.4f})" if seed else "default: wall s / test acc",
-                f"{ours['wall_seconds']:.1f} / {ours['test_accuracy']:.4f}",
-                f"{seed['wall_seconds'] / ours['wall_seconds']:.1f}x faster" if seed else "-"]]
-    if args.strong:
-        summary.append(["train_vs_seed", "airbench: wall s / test acc",
-                        f"{strong['wall_seconds']:.1f} / {strong['test_accuracy']:.4f}", "-"])
-    if seed:
-        verdict = ("meets" if ours["test_accuracy"] >= seed["test_accuracy"]
-                   and ours["wall_seconds"] * 15 <= seed["wall_seconds"] else "MISSES")
-        print(f"\ndefault configuration {verdict} the target: >= seed accuracy in <= 1/15 "
-              f"of its wall time")
-    return summary
 
+    def row(label: str, result: dict) -> list[str]:
+        speedup = f"{seed['recipe_seconds'] / result['recipe_seconds']:.1f}x" if seed else "-"
+        return [label, f"{result['recipe_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
+                f"{result['test_accuracy']:.4f}", speedup]
+
+    if seed:
+        rows.append(row("seed notebook (tutorial net, batch 4, PIL transforms)", seed))
+    rows.append(row(f"ours, default (tutorial net, batch {ours['batch_size']}, "
+                    f"{ours['epochs']} epochs, tensors)", ours))
+    if strong:
+        rows.append(row(f"ours, --model airbench ({strong['epochs']} epochs)", strong))
+    print()
+    print_table(["recipe", "recipe s", "process wall s", "test acc", "speed-up (recipe)"], rows)
+
+    summary = [["train_vs_seed", "default vs seed: recipe s / process s / test acc",
+                f"{ours['recipe_seconds']:.1f} / {ours['wall_seconds']:.1f} / "
+                f"{ours['test_accuracy']:.4f}",
+                f"seed {seed['recipe_seconds']:.0f} / {seed['wall_seconds']:.0f} / "
+                f"{seed['test_accuracy']:.4f}" if seed else "-"]]
+    if strong:
+        summary.append(["train_vs_seed", "airbench: recipe s / process s / test acc",
+                        f"{strong['recipe_seconds']:.1f} / {strong['wall_seconds']:.1f} / "
+                        f"{strong['test_accuracy']:.4f}", "-"])
+    if seed:
+        fast = ours["recipe_seconds"] * 15 <= seed["recipe_seconds"]
+        verdict = "meets" if fast and ours["test_accuracy"] >= seed["test_accuracy"] else "MISSES"
+        print(f"\ndefault configuration {verdict} the target: >= seed accuracy in <= 1/15 of "
+              f"its time ({seed['recipe_seconds'] / ours['recipe_seconds']:.1f}x on recipe time, "
+              f"{seed['wall_seconds'] / ours['wall_seconds']:.1f}x on process wall time)")
+    return summary
 
 if __name__ == "__main__":
     main()
