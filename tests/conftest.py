@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reporting import tables
 from tests.synthetic import make_cifar_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,3 +185,13 @@ def prefect_harness():
     with temporary_settings(updates={"flows.heartbeat_frequency": None}), \
             prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The figures suites reported (``tests.reporting.report_table``), after pytest's own
+    summary: the fault-injection suite's table of scenarios and leaked resources, and any
+    other suite's."""
+    for table in tables():
+        terminalreporter.write_sep("=", table.title)
+        for line in table.render():
+            terminalreporter.write_line(line)
