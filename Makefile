@@ -80,6 +80,7 @@ deploy: setup | $(PREFECT_HOME)  ## work-pool route: create the process pool, ap
 	$(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 \
 		|| $(BIN)/prefect work-pool create $(WORK_POOL) --type process
 	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+	$(BIN)/python -m deployments.automations
 
 worker: setup | $(PREFECT_HOME)  ## work-pool route: a process worker that runs the *-worker deployments
 	$(BIN)/prefect worker start --pool $(WORK_POOL)

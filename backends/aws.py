@@ -94,6 +94,9 @@ class AwsBackend(Backend):
     def list_endpoints(self) -> list[EndpointInfo]:
         return self.endpoints.list()
 
+    def list_orphans(self) -> list[EndpointInfo]:
+        return self.endpoints.orphans()
+
     def delete_endpoint(self, name: str) -> bool:
         return self.endpoints.delete(name)
 

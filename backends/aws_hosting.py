@@ -205,6 +205,33 @@ class AwsEndpoints:
                                     summary["EndpointName"], tags))
         return found
 
+    def _walk(self, operation: str, key: str) -> list[dict[str, Any]]:
+        """Every item of a paginated List call."""
+        pages = self.sm.get_paginator(operation).paginate()
+        return [item for page in pages for item in page.get(key, [])]
+
+    def orphans(self) -> list[EndpointInfo]:
+        """The pipeline's endpoint configs and models whose endpoint is gone (a teardown that
+        failed after DeleteEndpoint, a deploy killed between its Create calls): invisible to
+        ``list``, so the reaper asks for them too. One per name (config and model share it)."""
+        with aws_errors("listing endpoints, endpoint configs and models"):
+            endpoints = {s["EndpointName"] for s in self._walk("list_endpoints", "Endpoints")}
+            parts = [(c["EndpointConfigName"], c["EndpointConfigArn"], c["CreationTime"])
+                     for c in self._walk("list_endpoint_configs", "EndpointConfigs")]
+            parts += [(m["ModelName"], m["ModelArn"], m["CreationTime"])
+                      for m in self._walk("list_models", "Models")]
+        found: dict[str, EndpointInfo] = {}
+        for name, arn, creation_time in parts:
+            if name in endpoints or name in found:
+                continue
+            tags = self._tags(arn)
+            if tags is None or tags.get(MANAGED_BY_KEY) != MANAGED_BY_VALUE:
+                continue  # deleted since the listing, or not the pipeline's
+            found[name] = EndpointInfo(name=name, status="Orphaned",
+                                       created=created_at(tags, creation_time), tags=tags,
+                                       instance_type="unknown", url=None, extra={"arn": arn})
+        return list(found.values())
+
     # -- delete ------------------------------------------------------------------------------
 
     def delete(self, name: str) -> bool:

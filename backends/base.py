@@ -144,6 +144,13 @@ class Backend(abc.ABC):
         """Deletes the endpoint with its config and model. Idempotent: True when something
         was deleted, False when there was nothing to delete."""
 
+    def list_orphans(self) -> list[EndpointInfo]:
+        """Pipeline-owned parts of endpoints that no longer exist: an endpoint config or a model
+        left by a teardown or a deploy that stopped half-way (``status`` "Orphaned"). They are
+        named like their endpoint, so ``delete_endpoint(name)`` removes them. None on backends
+        whose endpoints have no separate parts (local: the record holds them)."""
+        return []
+
     @abc.abstractmethod
     def runtime_client(self, endpoint_name: str) -> Any:
         """A boto3 ``sagemaker-runtime`` client that reaches ``endpoint_name``."""

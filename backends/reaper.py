@@ -18,11 +18,12 @@ class ReapReport:
 
 def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = False,
                    now: dt.datetime | None = None) -> ReapReport:
-    """Deletes the backend's pipeline-owned endpoints created more than ``older_than`` ago.
-    Endpoints without the managed-by tag are never listed, so never touched."""
+    """Deletes the backend's pipeline-owned endpoints created more than ``older_than`` ago,
+    and the remains of deleted ones (an endpoint config or model left behind). Resources
+    without the managed-by tag are never listed, so never touched."""
     now = now or dt.datetime.now(dt.UTC)
     report = ReapReport(dry_run=dry_run)
-    for endpoint in backend.list_endpoints():
+    for endpoint in [*backend.list_endpoints(), *backend.list_orphans()]:
         if not endpoint.managed:
             continue
         if now - endpoint.created >= older_than:

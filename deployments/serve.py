@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deployments.automations import MISSED_HEARTBEATS, crash_detection, install
 from deployments.definitions import (
     PIPELINE_CRON,
     REAPER_CRON,
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timezone", default=schedule_timezone(),
                         help=f"IANA timezone both schedules are read in (default: "
                              f"${TIMEZONE_ENV}, else UTC)")
+    parser.add_argument("--crash-after", type=int, default=None, metavar="SECONDS",
+                        help=f"mark a run Crashed after this long without a heartbeat "
+                             f"(default: {MISSED_HEARTBEATS} x PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
     return parser.parse_args(argv)
 
 
@@ -59,10 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         deployments = [pipeline_deployment(args.cron, args.timezone),
                        reaper_deployment(args.reaper_cron, args.timezone)]
-    except ValueError as e:  # a bad cron string or timezone
+        # a bad cron string or timezone, or a window shorter than the heartbeat interval
+        automation = crash_detection(args.crash_after)
+    except ValueError as e:
         sys.exit(f"error: {e}")
     if problem := api_problem():
         sys.exit(f"error: {problem}")
+    if automation is not None:
+        install(automation)
 
     from prefect import serve
 

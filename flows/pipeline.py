@@ -19,13 +19,18 @@ from prefect import Flow, State, flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as current_flow_run
 
-from backends.base import EndpointSpec, TrainingSpec, managed_tags
+from backends.base import Backend, EndpointSpec, TrainingSpec, managed_tags
 from flows.config import PipelineConfig, data_root, make_backend
 from tasks.data import download_data, preview_data
 from tasks.endpoint import delete_endpoint, deploy, smoke_predict
 from tasks.reporting import logger
 from tasks.summary import publish_summary
 from tasks.training import fit, upload_data
+
+
+class EndpointNotDeleted(RuntimeError):
+    """The run's endpoint could not be deleted: it may still be running (and, on AWS, billing)
+    until someone or the reaper deletes it. The message says so, and what to run."""
 
 
 def resource_name(run_id: str) -> str:
@@ -49,6 +54,27 @@ def teardown_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
     deleted = make_backend(config).delete_endpoint(name)
     logger().info("teardown hook (%s): endpoint %s %s", state.name, name,
                   "deleted" if deleted else "was already gone")
+
+
+def delete_run_endpoint(backend: Backend, config: PipelineConfig, name: str,
+                     failure: BaseException | None) -> None:
+    """The delete task, and when it fails for good, an error that says the endpoint may still
+    be up, how to delete it, and what had failed before (its own error would hide that)."""
+    try:
+        delete_endpoint(backend, name)
+    except Exception as e:
+        if failure is not None and not isinstance(failure, Exception):
+            # Cancelled or interrupted: keep that as the run's outcome (its hooks and the
+            # reaper try the delete again); the delete task's own failure is in the logs.
+            return
+        command = f"cifar10-pipeline endpoints delete {name}" + (
+            " --backend aws" if config.backend == "aws" else "")
+        before = f"; the run had already failed: {type(failure).__name__}: {failure}" \
+            if failure is not None else ""
+        raise EndpointNotDeleted(
+            f"endpoint {name} could not be deleted ({type(e).__name__}: {e}); it may still "
+            f"be running: delete it with `{command}` (the endpoint reaper deletes it once it "
+            f"is older than its TTL){before}") from e
 
 
 @contextmanager
@@ -87,6 +113,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any
         ))
 
     endpoint = None
+    failure: BaseException | None = None
     try:
         with stage(timings, "deploy"):
             endpoint = deploy(backend, EndpointSpec(
@@ -97,10 +124,13 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any
         with stage(timings, "smoke_predict"):
             smoke = smoke_predict(backend, name, dataset, config.smoke_test.images,
                                   config.smoke_test.accuracy_floor)
+    except BaseException as e:
+        failure = e
+        raise
     finally:
         if not config.endpoint.keep:
             with stage(timings, "delete_endpoint"):
-                delete_endpoint(backend, name)
+                delete_run_endpoint(backend, config, name, failure)
 
     summary = {
         "flow_run_id": run_id,

@@ -33,6 +33,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,20 @@ class MotoAccount:
     def keys(self, bucket: str = BUCKET, prefix: str = "") -> list[str]:
         response = self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
         return sorted(o["Key"] for o in response.get("Contents", []))
+
+
+def fresh_account(moto_server: str) -> MotoAccount:
+    """Resets moto, then creates the pipeline's bucket and execution role."""
+    request = urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    account = MotoAccount(moto_server)
+    account.s3.create_bucket(Bucket=BUCKET)
+    account.session.client("iam").create_role(
+        RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"},
+                "Action": "sts:AssumeRole"}]}))
+    return account
 
 
 @dataclass

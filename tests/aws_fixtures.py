@@ -3,23 +3,20 @@ that use them). The fakes they set up, and the moto gaps they cover, are in ``aw
 
 from __future__ import annotations
 
-import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from backends.local_store import path_from_uri
 from tests.aws_fakes import (
-    BUCKET,
     LOOPBACK,
     REGION,
-    ROLE_NAME,
     CallRecorder,
     MotoAccount,
     SageMakerStandIn,
     TrainedModel,
+    fresh_account,
     isolate_aws_environment,
 )
 
@@ -69,16 +66,7 @@ def moto_server(no_network) -> Iterator[str]:
 @pytest.fixture
 def aws(moto_server) -> MotoAccount:
     """A clean moto account with the pipeline's bucket and execution role."""
-    request = urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")
-    urllib.request.urlopen(request, timeout=10).close()
-    account = MotoAccount(moto_server)
-    account.s3.create_bucket(Bucket=BUCKET)
-    account.session.client("iam").create_role(
-        RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"},
-                "Action": "sts:AssumeRole"}]}))
-    return account
+    return fresh_account(moto_server)
 
 
 @pytest.fixture

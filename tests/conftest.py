@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reporting import tables
 from tests.synthetic import make_cifar_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,15 +187,11 @@ def prefect_harness():
         yield
 
 
-class _Table:  # placeholder until the shared report mechanism lands
-    def __init__(self, title, columns):
-        self.title, self.columns, self.rows = title, columns, []
-
-    def add(self, row):
-        self.rows.append(row)
-        print(self.title, dict(zip(self.columns, row, strict=True)))
-
-
-@pytest.fixture
-def fault_report():
-    return _Table
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The figures suites reported (``tests.reporting.report_table``), after pytest's own
+    summary: the fault-injection suite's table of scenarios and leaked resources, and any
+    other suite's."""
+    for table in tables():
+        terminalreporter.write_sep("=", table.title)
+        for line in table.render():
+            terminalreporter.write_line(line)

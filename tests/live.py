@@ -5,18 +5,21 @@ so nothing they spawned (flow-run subprocesses, endpoint servers, renderers) out
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.processes import die_with_parent_preexec, start_time, terminate_group
+from backends.processes import die_with_parent_preexec, free_port, start_time, terminate_group
 
 T = TypeVar("T")
 
@@ -81,18 +84,92 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float,
         time.sleep(interval)
 
 
-def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
-    """One call to the Prefect REST API; None for a 404 or when nothing answers yet."""
+RETRYABLE = {429, 502, 503}  # what Prefect's own client retries (503: e.g. SQLite locked)
+
+
+def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10,
+        attempts: int = 5) -> Any:
+    """One call to the Prefect REST API; None for a 404 or when nothing answers yet. Like
+    Prefect's client, retries what the server says is worth retrying (a busy SQLite database
+    answers 503; the failed request was rolled back, so repeating it is safe)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{base}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            text = response.read()
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
+    for attempt in range(attempts):
+        request = urllib.request.Request(f"{base}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            if e.code in RETRYABLE and attempt + 1 < attempts:
+                time.sleep(0.5 * 2 ** attempt)
+                continue
+            raise AssertionError(f"{method} {path}: {e.code} {e.read()[:2000]!r}") from e
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
-        raise AssertionError(f"{method} {path}: {e.code} {e.read()[:2000]!r}") from e
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
-    return json.loads(text) if text else {}
+        return json.loads(text) if text else {}
+    raise AssertionError("unreachable")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Server:
+    url: str            # http://127.0.0.1:<port>; the UI is served at its root
+    env: dict[str, str]  # the environment of a client of this server (CLI, serve)
+    logs: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return api(self.url, method, f"/api{path}", body)
+
+
+@contextlib.contextmanager
+def prefect_server(base: Path) -> Iterator[Server]:
+    """`prefect server start` (API, UI, scheduler, automations) on a free loopback port over
+    a PREFECT_HOME under ``base``, until the block ends; its clients' environment points at
+    it and keeps the pipeline's state under ``base`` too."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(base / "prefect-home")
+    server_env = {
+        **env,
+        # The settings, not `--port`: the UI asks the server for its API URL, which is built
+        # from these (with --port alone the UI would call port 4200).
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # plan new schedules quickly
+    }
+    client_env = {
+        **env,
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # serve picks up a triggered run within 2 s
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "COLUMNS": "240",  # the CLI's rich output is wrapped at the terminal width
+        # the pipeline's own state (data, jobs, endpoints): apart from the other tests'
+        "CIFAR10_PIPELINE_HOME": str(base / "pipeline-home"),
+    }
+    log = base / "server.log"
+    with running([sys.executable, "-m", "prefect", "server", "start"], log,
+                 env=server_env, cwd=base) as process:
+        wait_until(lambda: api(url, "GET", "/api/health") is True,
+                   "prefect server start", timeout=120, process=process, log=log)
+        yield Server(url=url, env=client_env, logs=base)
+
+
+def zone_far_from_2am(now: dt.datetime) -> str:
+    """An Etc/GMT zone in which it is about 14:00 now: the nightly 02:00 run is half a day
+    away, so the real scheduler cannot start a real pipeline run (one that would download the
+    real CIFAR-10) during a test. Etc/GMT signs are POSIX ones: Etc/GMT-5 is UTC+5."""
+    offset = (14 - now.hour) % 24
+    if offset > 12:
+        offset -= 24
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"

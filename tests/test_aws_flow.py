@@ -1,7 +1,7 @@
 """The whole flow on the AWS backend, offline: moto's server as AWS (S3, SageMaker control plane,
 CloudWatch Logs), a real model artifact placed where moto's training job says it is, and the
 local model server answering InvokeEndpoint through ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``.
-Also: teardown after injected failures, and the reaper on AWS."""
+Also: the reaper on AWS. Teardown under injected faults: test_faults.py."""
 
 from __future__ import annotations
 
@@ -152,47 +152,6 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
     assert "approximate" in summary["cost"]["note"]
 
 
-def test_failure_after_deploy_still_deletes_endpoint_config_and_model(
-        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, sagemaker_stand_in,
-        monkeypatch):
-    import tasks.endpoint
-
-    def broken(*args, **kwargs):
-        raise ConnectionError("injected: the endpoint stopped answering")
-
-    monkeypatch.setattr(tasks.endpoint, "invoke_batch", broken)
-    state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ConnectionError, match="injected"):
-        state.result()
-    calls = calls_of(sagemaker_calls)
-    assert calls[calls.index("sagemaker:CreateEndpoint"):] == [
-        "sagemaker:CreateEndpoint", "sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpoint",
-        "sagemaker:DeleteEndpoint", "sagemaker:DescribeEndpointConfig",
-        "sagemaker:DeleteEndpointConfig", "sagemaker:DeleteModel"]
-    assert aws.sagemaker_resources() == NOTHING
-    assert sagemaker_stand_in.served and sagemaker_stand_in.running() == []
-
-
-def test_failure_inside_deploy_after_the_endpoint_exists_still_deletes_it(
-        prefect_harness, http_server, cifar_tarball, aws, sagemaker_stand_in, monkeypatch):
-    original = AwsBackend.deploy
-    created = []
-
-    def deploy_then_fail(self, spec, on_log=None):
-        created.append(original(self, spec, on_log))
-        raise TimeoutError("injected: endpoint created, then the wait timed out")
-
-    monkeypatch.setattr(AwsBackend, "deploy", deploy_then_fail)
-    state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(TimeoutError, match="injected"):
-        state.result()
-    assert created and created[0].status == "InService"
-    assert aws.sagemaker_resources() == NOTHING
-    assert sagemaker_stand_in.running() == []
-
-
 def make_endpoint(aws: MotoAccount, name: str, tags: dict[str, str]) -> None:
     """An endpoint with its own config and model, as any tool would create it."""
     as_list = [{"Key": k, "Value": v} for k, v in tags.items()]
@@ -244,4 +203,38 @@ def test_reaper_on_aws_deletes_only_old_pipeline_owned_endpoints(prefect_harness
                         "other-tool-old"])
     assert left == {"endpoints": survivors, "endpoint_configs": survivors, "models": survivors}
     assert sagemaker_calls.params("DeleteEndpoint") == [{"EndpointName": "cifar10-old"}]
+    assert_allowed_by_caller_policy(sagemaker_calls)
+
+
+def test_reaper_on_aws_deletes_configs_and_models_a_failed_teardown_left(aws, sagemaker_calls):
+    """An endpoint config or model whose endpoint is gone (its teardown failed half-way, or a
+    deploy was killed between its Create calls) is found by its own tags, with the same TTL
+    and the same rule: never what the pipeline does not own."""
+    from backends.reaper import reap_endpoints
+
+    now = dt.datetime.now(dt.UTC)
+    old = (now - dt.timedelta(hours=3)).isoformat(timespec="seconds")
+    young = (now - dt.timedelta(minutes=10)).isoformat(timespec="seconds")
+    owned = {"managed-by": "cifar10-pipeline", "owner": "prefect-flow-run/x"}
+    make_endpoint(aws, "cifar10-whole", {**owned, "created-at": old})
+    for name, tags in [("cifar10-orphan-old", {**owned, "created-at": old}),
+                       ("cifar10-orphan-young", {**owned, "created-at": young}),
+                       ("other-tool-orphan", {"managed-by": "other-tool", "created-at": old})]:
+        make_endpoint(aws, name, tags)
+        aws.sm.delete_endpoint(EndpointName=name)  # config and model stay
+    make_endpoint(aws, "cifar10-model-only", {**owned, "created-at": old})
+    aws.sm.delete_endpoint(EndpointName="cifar10-model-only")
+    aws.sm.delete_endpoint_config(EndpointConfigName="cifar10-model-only")
+
+    backend = AwsBackend(region=REGION, role_arn=ROLE_ARN, bucket=BUCKET)
+    assert sorted(o.name for o in backend.list_orphans()) == [
+        "cifar10-model-only", "cifar10-orphan-old", "cifar10-orphan-young"]
+    assert {o.status for o in backend.list_orphans()} == {"Orphaned"}
+    report = reap_endpoints(backend, dt.timedelta(hours=1))
+    assert sorted(report.deleted) == ["cifar10-model-only", "cifar10-orphan-old", "cifar10-whole"]
+    assert report.kept == ["cifar10-orphan-young"]
+    left = {kind: sorted(names) for kind, names in aws.sagemaker_resources().items()}
+    assert left == {"endpoints": [],
+                    "endpoint_configs": ["cifar10-orphan-young", "other-tool-orphan"],
+                    "models": ["cifar10-orphan-young", "other-tool-orphan"]}
     assert_allowed_by_caller_policy(sagemaker_calls)

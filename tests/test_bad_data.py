@@ -26,6 +26,7 @@ from tasks.download import (
     verified_copy,
 )
 from tests.conftest import FAST_HYPERPARAMETERS
+from tests.reporting import report_table
 from tests.synthetic import make_cifar_dir
 
 
@@ -98,15 +99,14 @@ EXPECTED = {
 }
 
 
-def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, cifar_tarball,
-                                            fault_report):
+def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, cifar_tarball):
     name, md5 = cifar_tarball
     data_root = tmp_path / "project" / "data"
     good = fetch_cifar10(data_root, f"{http_server}/{name}", md5)
     (tmp_path / "inputs").mkdir()
     inputs = bad_inputs(tmp_path / "inputs", http_server, name, (http_root / name).read_bytes())
     outside_before = snapshot(tmp_path)
-    table = fault_report("bad data (a good copy in place each time)",
+    table = report_table("Bad data (a good copy already in place each time)",
                          ["input", "error", "written outside data dir", "good copy intact"])
     for label, fetch in inputs.items():
         error_type, message = EXPECTED[label]
@@ -115,8 +115,9 @@ def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, ci
         after = snapshot(tmp_path)
         outside = sorted(set(after) - set(outside_before))
         intact = verified_copy(data_root, f"{http_server}/{name}", md5)
-        table.add([label, f"{type(err.value).__name__}: {str(err.value)[:60]}",
-                   len(outside), "yes" if intact and intact.files == good.files else "NO"])
+        table.add(dict(zip(table.columns, [
+            label, f"{type(err.value).__name__}: {str(err.value)[:60]}", len(outside),
+            "yes" if intact and intact.files == good.files else "NO"], strict=True)))
         assert outside == [], f"{label} wrote {outside}"
         assert after == outside_before, f"{label} changed files"
         assert intact is not None and intact.files == good.files
@@ -125,9 +126,8 @@ def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, ci
     assert fetch_cifar10(data_root, f"{http_server}/{name}", md5).reused
 
 
-def test_malformed_batches_fail_the_training_job_with_a_clear_reason(local_backend, tmp_path,
-                                                                       fault_report):
-    table = fault_report("malformed batch directories (training job)",
+def test_malformed_batches_fail_the_training_job_with_a_clear_reason(local_backend, tmp_path):
+    table = report_table("Malformed batch directories (the training job's failure)",
                          ["batch directory", "job status", "reason"])
     cases = {
         "garbage bytes": lambda d: (d / "data_batch_1").write_bytes(b"garbage"),
@@ -149,6 +149,6 @@ def test_malformed_batches_fail_the_training_job_with_a_clear_reason(local_backe
             local_backend.train(TrainingSpec(job_name=f"bad-data-{i}", data_uri=uri,
                                              hyperparameters=FAST_HYPERPARAMETERS))
         reason = re.sub(r"/\S+/", ".../", err.value.reason.splitlines()[0])  # paths shortened
-        table.add([label, err.value.status, reason[:90]])
+        table.add(dict(zip(table.columns, [label, err.value.status, reason[:90]], strict=True)))
         assert err.value.status == "Failed"
         assert expected[label] in err.value.reason

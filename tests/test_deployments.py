@@ -117,6 +117,33 @@ def test_serve_refuses_to_run_without_a_server():
         main([])
 
 
+def test_crash_detection_window_follows_the_heartbeat():
+    """Three missed heartbeats by default; a window a healthy run's heartbeats could not
+    fill is refused before anything is installed."""
+    from prefect.settings import temporary_settings
+
+    from deployments.automations import CRASH_DETECTION, FLOWS, crash_detection
+    from deployments.serve import main
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60}):
+        automation = crash_detection()
+        assert automation.name == CRASH_DETECTION
+        assert automation.trigger.within == dt.timedelta(seconds=180)
+        assert automation.trigger.posture == "Proactive"
+        assert automation.trigger.after == {"prefect.flow-run.heartbeat"}
+        assert "prefect.flow-run.Completed" in automation.trigger.expect
+        assert automation.trigger.match_related.get("prefect.resource.name") == FLOWS
+        assert automation.actions[0].state == "CRASHED"
+        assert "No heartbeat for 180s" in automation.actions[0].message
+        assert crash_detection(90).trigger.within == dt.timedelta(seconds=90)
+        with pytest.raises(ValueError, match="would crash healthy runs"):
+            crash_detection(60)
+        with pytest.raises(SystemExit, match="would crash healthy runs"):
+            main(["--crash-after", "45"])
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        assert crash_detection() is None  # no heartbeats: nothing to detect with
+
+
 def test_prefect_yaml_matches_the_served_deployments():
     """The work-pool route must schedule and parameterise runs exactly like `make serve`."""
     from prefect.flows import load_flow_from_entrypoint

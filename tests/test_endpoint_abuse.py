@@ -24,6 +24,7 @@ import pytest
 
 from backends.base import EndpointSpec, managed_tags
 from backends.local_server import MAX_PAYLOAD_BYTES
+from tests.reporting import report_table
 
 FUZZ_CASES = 400
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
@@ -139,7 +140,7 @@ def raw_request(url: str, head: bytes, body: bytes = b"", timeout: float = 10) -
     return b"".join(chunks)
 
 
-def test_fuzzed_requests_get_json_4xx_and_never_take_the_server_down(endpoint, fault_report):
+def test_fuzzed_requests_get_json_4xx_and_never_take_the_server_down(endpoint):
     rng = np.random.default_rng(20261126)
     client = Client(endpoint.url)
     paths = ["/invocations", f"/endpoints/{endpoint.name}/invocations"]
@@ -185,12 +186,16 @@ def test_fuzzed_requests_get_json_4xx_and_never_take_the_server_down(endpoint, f
             server_errors.append((category, status, answer[:200]))
 
     assert client.request("GET", "/ping")[0] == 200
-    table = fault_report("endpoint fuzz run (424 = the runtime API's ModelError around a 4xx)",
-                         ["category", "requests", "statuses", "5xx"])
+    table = report_table(
+        "Endpoint fuzz run (424: the runtime API's ModelError around the model's 4xx)",
+        ["category", "requests", "statuses", "5xx"],
+        summary=lambda rows: f"{sum(r['requests'] for r in rows)} requests, "
+                             f"{sum(r['5xx'] for r in rows)} answered 5xx, {len(hangs)} hung, "
+                             f"{ping_failures} failed pings")
     for category, counts in sorted(statuses.items()):
-        table.add([category, sum(counts.values()),
-                   " ".join(f"{s}x{n}" for s, n in sorted(counts.items())),
-                   sum(n for s, n in counts.items() if s >= 500)])
+        table.add(category=category, requests=sum(counts.values()),
+                  statuses=" ".join(f"{s}x{n}" for s, n in sorted(counts.items())),
+                  **{"5xx": sum(n for s, n in counts.items() if s >= 500)})
     assert not server_errors, server_errors
     assert not non_json, non_json
     assert not hangs, hangs
@@ -221,7 +226,7 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.soak
-def test_soak_concurrent_clients_zero_errors_stable_memory(endpoint, cifar_dir, fault_report):
+def test_soak_concurrent_clients_zero_errors_stable_memory(endpoint, cifar_dir):
     with open(cifar_dir / "test_batch", "rb") as f:
         batch = pickle.load(f, encoding="bytes")
     images = batch[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255
@@ -266,10 +271,12 @@ def test_soak_concurrent_clients_zero_errors_stable_memory(endpoint, cifar_dir, 
     # Memory: after the first quarter (warm-up: allocator pools, caches), RSS stays flat.
     warm = [rss for t, rss in samples if t >= SOAK_SECONDS / 4]
     growth = (max(warm) - warm[0]) / 2**20
-    table = fault_report("endpoint soak run", ["seconds", "clients", "requests", "errors",
-                                               "req/s", "RSS MiB (start)", "growth MiB"])
-    table.add([round(SOAK_SECONDS), clients, counts["requests"], len(errors),
-               round(counts["requests"] / SOAK_SECONDS), round(warm[0] / 2**20), round(growth, 1)])
+    table = report_table("Endpoint soak run", ["seconds", "clients", "requests", "errors",
+                                               "req/s", "RSS MiB after warm-up", "growth MiB"])
+    table.add(dict(zip(table.columns, [
+        round(SOAK_SECONDS), clients, counts["requests"], len(errors),
+        round(counts["requests"] / SOAK_SECONDS), round(warm[0] / 2**20), round(growth, 1)],
+        strict=True)))
     assert errors == []
     assert counts["requests"] > 10 * SOAK_SECONDS
     assert growth < 20, f"server RSS grew {growth:.1f} MiB after warm-up: {samples}"

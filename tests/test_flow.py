@@ -1,5 +1,6 @@
 """The whole flow on the local backend, on generated data served over loopback HTTP (the real
-download code): every stage, the artifacts, guaranteed teardown, the cached download."""
+download code): every stage, the artifacts, guaranteed teardown, the cached download. Teardown
+under injected faults (every stage after deploy starts): test_faults.py."""
 
 from __future__ import annotations
 
@@ -88,39 +89,6 @@ def test_second_run_reuses_the_cached_download(first_run, prefect_harness, http_
     assert state.is_completed(), state.message
     assert state.result()["data"]["reused"] is True
     assert http_log[before:] == []  # no request reached the server
-
-
-def test_failure_in_smoke_predict_still_deletes_the_endpoint(
-        prefect_harness, http_server, cifar_tarball, monkeypatch):
-    import tasks.endpoint
-
-    def broken(*args, **kwargs):
-        raise ConnectionError("injected: the endpoint stopped answering")
-
-    monkeypatch.setattr(tasks.endpoint, "invoke_batch", broken)
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ConnectionError, match="injected"):
-        state.result()
-    assert_no_endpoint_left(state.state_details.flow_run_id)
-
-
-def test_failure_in_deploy_after_the_endpoint_exists_still_deletes_it(
-        prefect_harness, http_server, cifar_tarball, monkeypatch):
-    original = LocalBackend.deploy
-    created = []
-
-    def deploy_then_fail(self, spec, on_log=None):
-        created.append(original(self, spec, on_log))
-        raise TimeoutError("injected: endpoint created, then the wait timed out")
-
-    monkeypatch.setattr(LocalBackend, "deploy", deploy_then_fail)
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(TimeoutError, match="injected"):
-        state.result()
-    assert created and created[0].status == "InService"
-    assert_no_endpoint_left(state.state_details.flow_run_id)
 
 
 def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, cifar_tarball):

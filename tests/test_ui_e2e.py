@@ -21,13 +21,11 @@ import sys
 import time
 import zoneinfo
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backends.processes import free_port
 from deployments.definitions import pipeline_parameters
 from flows.pipeline import resource_name
 from tests import live
@@ -40,62 +38,14 @@ pytestmark = pytest.mark.slow
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-@dataclass
-class Server:
-    url: str            # http://127.0.0.1:<port>; the UI is served at its root
-    env: dict[str, str]  # the environment of a client of this server (CLI, serve)
-    logs: Path
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.url}/api"
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        return live.api(self.url, method, f"/api{path}", body)
-
-
-def zone_far_from_2am(now: dt.datetime) -> str:
-    """An Etc/GMT zone in which it is about 14:00 now: the nightly 02:00 run is half a day
-    away, so the real scheduler cannot start a real pipeline run (one that would download the
-    real CIFAR-10) during the test. Etc/GMT signs are POSIX ones: Etc/GMT-5 is UTC+5."""
-    offset = (14 - now.hour) % 24
-    if offset > 12:
-        offset -= 24
-    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"
+Server = live.Server
+zone_far_from_2am = live.zone_far_from_2am
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("real-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(base / "prefect-home")
-    server_env = {
-        **env,
-        # The settings, not `--port`: the UI asks the server for its API URL, which is built
-        # from these (with --port alone the UI would call port 4200).
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_UI_API_URL": f"{url}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # plan new schedules quickly
-    }
-    client_env = {
-        **env,
-        "PREFECT_API_URL": f"{url}/api",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # serve picks up a triggered run within 2 s
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "COLUMNS": "240",  # the CLI's rich output is wrapped at the terminal width
-        # the pipeline's own state (data, jobs, endpoints): apart from the other tests'
-        "CIFAR10_PIPELINE_HOME": str(base / "pipeline-home"),
-    }
-    log = base / "server.log"
-    with live.running([sys.executable, "-m", "prefect", "server", "start"], log,
-                      env=server_env, cwd=base) as process:
-        live.wait_until(lambda: live.api(url, "GET", "/api/health") is True,
-                        "prefect server start", timeout=120, process=process, log=log)
-        yield Server(url=url, env=client_env, logs=base)
+    with live.prefect_server(tmp_path_factory.mktemp("real-server")) as server:
+        yield server
 
 
 def prefect(server: Server, *args: str, cwd: Path | None = None,

@@ -1,0 +1,113 @@
+"""Shared by the fault-injection suites (``test_faults.py`` in-process, ``test_faults_live.py``
+against a real Prefect server): the summary table they fill, and the leak counts they assert."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.config import PipelineConfig
+from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount, SageMakerStandIn
+from tests.conftest import FAST_HYPERPARAMETERS, _processes_under
+from tests.reporting import ReportTable, Row, report_table
+
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"  # its sitecustomize.py
+LEAK_COLUMNS = ["endpoints", "configs", "models", "processes"]
+NOT_APPLICABLE = "-"  # the local backend keeps an endpoint's model and config in its record
+
+
+def _leaked(rows: list[Row]) -> int:
+    return sum(v for r in rows for c in LEAK_COLUMNS if isinstance(v := r.get(c), int))
+
+
+def fault_table() -> ReportTable:
+    return report_table(
+        "Teardown under faults: what each scenario left behind (must be 0)",
+        ["backend", "scenario", "final state", "cause (state message)", "reaper deleted",
+         *LEAK_COLUMNS, "seconds"],
+        summary=lambda rows: (f"scenarios run: {len(rows)}; resources leaked: "
+                              f"{_leaked(rows)} (endpoints, endpoint configs, models and "
+                              f"server/training processes remaining after each scenario)"))
+
+
+# Prefect's own words around the cause, left out of the table to leave room for the cause.
+BOILERPLATE = ("Flow run encountered an exception: ", "Flow run failed due to timeout: ")
+
+
+def short(message: str | None, limit: int = 100) -> str:
+    """A state message for the table: on one line, without Prefect's preamble, cut short."""
+    text = " ".join((message or "").split())
+    for prefix in BOILERPLATE:
+        text = text.removeprefix(prefix)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def local_leaks(root: Path) -> dict[str, Any]:
+    """What a local backend rooted at ``root`` still holds: endpoint directories (with or
+    without a record: a half-created one counts) and live processes started under it (endpoint
+    servers, training hosts)."""
+    endpoints = root / "endpoints"
+    return {
+        "endpoints": len([p for p in endpoints.iterdir() if p.is_dir()])
+        if endpoints.is_dir() else 0,
+        "configs": NOT_APPLICABLE, "models": NOT_APPLICABLE,
+        "processes": len(_processes_under(root)),
+    }
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*")
+            if int(p.name) != os.getpid() and parent_of(int(p.name)) == pid]
+
+
+def local_config(http_server: str, cifar_tarball: tuple[str, str]) -> PipelineConfig:
+    """A fast run on the generated data served over loopback HTTP."""
+    name, md5 = cifar_tarball
+    return PipelineConfig.model_validate({
+        "data": {"url": f"{http_server}/{name}", "md5": md5},
+        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
+                     "batch_size": FAST_HYPERPARAMETERS["batch-size"]},
+        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
+    })
+
+
+def aws_config(http_server: str, cifar_tarball: tuple[str, str]) -> PipelineConfig:
+    """The same on the AWS backend, with the moto account's bucket and role."""
+    return PipelineConfig.model_validate({
+        **local_config(http_server, cifar_tarball).model_dump(mode="json"),
+        "backend": "aws",
+        "aws": {"region": REGION, "role_arn": ROLE_ARN, "bucket": BUCKET},
+    })
+
+
+def aws_leaks(aws: MotoAccount, stand_in: SageMakerStandIn) -> dict[str, int]:
+    """What moto still holds, and the stand-in's model servers still running."""
+    left = aws.sagemaker_resources()
+    return {"endpoints": len(left["endpoints"]), "configs": len(left["endpoint_configs"]),
+            "models": len(left["models"]), "processes": len(_processes_under(stand_in.root))}
