@@ -47,6 +47,15 @@ def assert_no_endpoint_left(run_id) -> None:
     assert backend.list_endpoints() == []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_state_dir(tmp_path_factory):
+    """This module's runs start from an empty state directory: the first one must download
+    (other modules may have left a verified copy in the session's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path_factory.mktemp("flow-state")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, http_server, cifar_tarball, http_log):
     before = len(http_log)
