@@ -50,6 +50,9 @@ ACCOUNT = "123456789012"  # moto's account
 BUCKET = "cifar10-pipeline-test"
 ROLE_NAME = "cifar10-sagemaker"
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE_NAME}"
+# The Deep Learning Container images the backend must pick for a CPU instance in REGION.
+TRAINING_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312"
+INFERENCE_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "", None}
 RUNTIME_URL_ENV = "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"
 

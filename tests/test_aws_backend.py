@@ -27,19 +27,20 @@ from backends.base import (
     managed_tags,
 )
 from flows.config import AwsSettings
-from tests.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN, isolate_aws_environment
+from tests.aws_fakes import (
+    ACCOUNT,
+    BUCKET,
+    INFERENCE_IMAGE,
+    REGION,
+    ROLE_ARN,
+    TRAINING_IMAGE,
+    isolate_aws_environment,
+)
 from tests.conftest import FAST_HYPERPARAMETERS
 
 pytest_plugins = ["tests.aws_fixtures"]
-pytestmark = [
-    pytest.mark.usefixtures("no_network"),  # loopback only, for every test here
-    # The SDK imports its own deprecated module path; nothing to fix on our side.
-    pytest.mark.filterwarnings("ignore:sagemaker.train.configs has been moved"
-                               ":DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
 
-TRAINING_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312"
-INFERENCE_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312"
 JOB = "cifar10-0123456789ab"
 ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{JOB}"  # any valid ARN
 

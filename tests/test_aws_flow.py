@@ -15,18 +15,12 @@ from backends.aws import AwsBackend
 from flows.config import AwsSettings, PipelineConfig
 from flows.pipeline import cifar10_pipeline, resource_name
 from tasks.summary import PRICES_PER_HOUR
-from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount
+from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount
 from tests.conftest import FAST_HYPERPARAMETERS
 
 pytest_plugins = ["tests.aws_fixtures"]
-pytestmark = [
-    pytest.mark.usefixtures("no_network"),  # loopback only, for every test here
-    # The SDK imports its own deprecated module path; nothing to fix on our side.
-    pytest.mark.filterwarnings("ignore:sagemaker.train.configs has been moved"
-                               ":DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
 
-TRAINING_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312"
 NOTHING = {"endpoints": [], "endpoint_configs": [], "models": []}
 # What one run asks of SageMaker, in order (the runtime's InvokeEndpoint included).
 EXPECTED_CALLS = [

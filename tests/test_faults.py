@@ -37,11 +37,6 @@ from tests.faults import (
 )
 
 pytest_plugins = ["tests.aws_fixtures"]
-pytestmark = [
-    # The SDK imports its own deprecated module path; nothing to fix on our side.
-    pytest.mark.filterwarnings("ignore:sagemaker.train.configs has been moved"
-                               ":DeprecationWarning"),
-]
 
 
 @dataclass

@@ -62,11 +62,7 @@ from tests.faults import (
 from tests.test_flow import config_for
 
 pytest_plugins = ["tests.aws_fixtures"]
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:sagemaker.train.configs has been moved"
-                               ":DeprecationWarning"),
-]
+pytestmark = pytest.mark.slow
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 HEARTBEAT_SECONDS = 30  # Prefect's minimum: runs started here send one every 30 s
