@@ -233,11 +233,13 @@ class TutorialNet(nn.Module):
         self.fc3 = nn.Linear(84, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
+        # ReLU after pooling equals the tutorial's pool(relu(x)) (both are monotone) and
+        # touches a quarter of the values; in place, since nothing else reads its input.
+        x = F.relu(self.pool(self.conv1(x)), inplace=True)
+        x = F.relu(self.pool(self.conv2(x)), inplace=True)
         x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
+        x = F.relu(self.fc1(x), inplace=True)
+        x = F.relu(self.fc2(x), inplace=True)
         return self.fc3(x)
 
 
@@ -298,13 +300,18 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body
         self.flip_tta = flip_tta
+        # Channels-last suits oneDNN and training; PyTorch's native convolutions (serving
+        # small networks, see "onednn_inference") run NCHW about twice as fast.
+        self.channels_last = True
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in the input's NCHW layout (broadcasting over 3 channels is several times
-        # slower in channels-last), then hand the body channels-last: faster convolutions.
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        # slower in channels-last), then convert if the body runs channels-last.
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.body(x)
         if self.flip_tta and not self.training:
             logits = (logits + self.body(x.flip(-1))) / 2
@@ -665,7 +672,9 @@ def model_fn(model_dir: str) -> Classifier:
     state = torch.load(model_path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     # A serving process holds one model, so this process-wide switch is the model's to set.
-    torch.backends.mkldnn.enabled = PRESETS[meta["architecture"]]["onednn_inference"]
+    onednn = PRESETS[meta["architecture"]]["onednn_inference"]
+    torch.backends.mkldnn.enabled = onednn
+    model.channels_last = onednn
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 

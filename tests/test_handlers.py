@@ -85,6 +85,27 @@ def test_predict_is_eval_mode_without_grad(model):
     np.testing.assert_array_equal(logits, again)
 
 
+def test_serving_layout_and_relu_order_do_not_change_predictions(model):
+    """Serving runs the tutorial network NCHW with ReLU after pooling; training runs it
+    channels-last. Both must agree with the seed's pool(relu(conv)) formulation."""
+    images = torch.from_numpy(IMAGES)
+    assert not model.channels_last  # tutorial serving uses PyTorch's native kernels
+    served = cifar10.predict_fn(images, model)
+    model.channels_last = True
+    try:
+        channels_last = cifar10.predict_fn(images, model)
+    finally:
+        model.channels_last = False
+    body = model.body
+    with torch.no_grad():
+        x = (images - model.mean) / model.std
+        x = body.pool(torch.relu(body.conv1(x)))
+        x = body.pool(torch.relu(body.conv2(x))).flatten(1)
+        seed = body.fc3(torch.relu(body.fc2(torch.relu(body.fc1(x))))).numpy()
+    np.testing.assert_allclose(served, channels_last, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served, seed, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("accept, expected", [
     (None, "application/json"),
     ("*/*", "application/json"),
