@@ -10,6 +10,9 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # endpoints, and Prefect's database (so `make ui` shows the runs made by `make run`).
 export CIFAR10_PIPELINE_HOME ?= $(CURDIR)/.state
 export PREFECT_HOME ?= $(CURDIR)/.state/prefect
+# Prefect's server reports usage telemetry; offline (as on the build machines) every run would
+# log an ERROR for it. Set to true to send it.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 # The Prefect server of `make ui`; `make serve`, `make deploy` and `make worker` talk to it.
 UI_HOST := 127.0.0.1
@@ -37,7 +40,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed  ## create .venv and install the project with its dev extra
 
 # Prefect creates its home directory but not the directories above it (a fresh clone has no
-# .state/): without this, `make ui` or `make run` there fails with "unable to open database file".
+# .state/): without this, `make ui` or `make run` there fails with "unable to open database file",
+# and every other Prefect import warns that it could not create it.
 $(PREFECT_HOME):
 	mkdir -p $@
 
@@ -56,7 +60,7 @@ browser:  ## headless Chromium for the UI test (apt-get, when root)
 	else echo "note: no chromium and no root apt-get to install it: the UI test will be skipped"; \
 	fi
 
-test: setup browser  ## ruff, then the test suite
+test: setup browser | $(PREFECT_HOME)  ## ruff, then the test suite
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -85,10 +89,10 @@ deploy: setup | $(PREFECT_HOME)  ## work-pool route: create the process pool, ap
 worker: setup | $(PREFECT_HOME)  ## work-pool route: a process worker that runs the *-worker deployments
 	$(BIN)/prefect worker start --pool $(WORK_POOL)
 
-bench: setup  ## run every benchmark in bench/ and print one table (~15 min; BENCH_ARGS=--quick)
+bench: setup | $(PREFECT_HOME)  ## run every benchmark in bench/ and print one table (~15 min; BENCH_ARGS=--quick)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
-soak: setup  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
+soak: setup | $(PREFECT_HOME)  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(BIN)/pytest -m soak -s $(PYTEST_ARGS)
 
 clean:  ## remove the virtual environment and all local state
