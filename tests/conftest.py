@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.reporting import tables
+
+# The test servers are offline: Prefect's usage telemetry would only log errors (as `make` sets).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from tests.synthetic import make_cifar_dir
 
 REPO = Path(__file__).resolve().parents[1]
