@@ -25,6 +25,7 @@ from backends.base import (
     CREATED_KEY,
     MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
+    VARIANT,
     BackendError,
     EndpointExists,
     EndpointFailed,
@@ -34,7 +35,6 @@ from backends.base import (
 )
 from backends.settings import ENTRY_POINT
 
-VARIANT = "AllTraffic"
 # The PyTorch inference toolkit imports the handlers (model_fn, input_fn, ...) from this
 # program in this directory; model.tar.gz carries them in code/ (see save_model in the script).
 MODEL_CODE_DIR = "/opt/ml/model/code"

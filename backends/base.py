@@ -21,6 +21,8 @@ OWNER_KEY = "owner"  # the flow run (or person) that created the resource
 CREATED_KEY = "created-at"  # ISO-8601 UTC, so the reaper needs no extra API call
 
 TRAINING_CHANNEL = "training"
+# The one production variant of every endpoint (SageMaker's usual name for it).
+VARIANT = "AllTraffic"
 
 LogCallback = Callable[[str], None]
 

@@ -35,9 +35,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from backends.base import VARIANT
+
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints accept at most 6 MiB
 DRAIN_LIMIT = 4 * MAX_PAYLOAD_BYTES  # read (and drop) oversized bodies up to this size
-VARIANT = "AllTraffic"
 # Bodies up to this size (a few images) are answered on the event loop: the hop to a worker
 # thread costs more than their inference. Larger ones run in a thread so /ping and small
 # requests stay responsive meanwhile.

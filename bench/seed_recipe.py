@@ -31,6 +31,8 @@ class MirrorCIFAR10(torchvision.datasets.CIFAR10):
         return True
 
 
+# The notebook's own network, copied as written rather than imported from model_src: the
+# baseline must not move when our TutorialNet's implementation does (same layers, same maths).
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,8 @@ that use them). The fakes they set up, and the moto gaps they cover, are in ``aw
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -69,20 +70,25 @@ def aws(moto_server) -> MotoAccount:
     return fresh_account(moto_server)
 
 
+def attach_to_new_sessions(monkeypatch, attach: Callable[[Any], None]) -> None:
+    """Calls ``attach`` on every boto3 session the backend makes from now on."""
+    import backends.aws_session
+
+    make = backends.aws_session.new_boto_session
+
+    def session_with_hook(region):
+        session = make(region)
+        attach(session)
+        return session
+
+    monkeypatch.setattr(backends.aws_session, "new_boto_session", session_with_hook)
+
+
 @pytest.fixture
 def sagemaker_calls(monkeypatch) -> CallRecorder:
     """Records the calls of every boto3 session the backend makes from now on."""
-    import backends.aws_session
-
     recorder = CallRecorder()
-    make = backends.aws_session.new_boto_session
-
-    def recording_session(region):
-        session = make(region)
-        recorder.attach(session)
-        return session
-
-    monkeypatch.setattr(backends.aws_session, "new_boto_session", recording_session)
+    attach_to_new_sessions(monkeypatch, recorder.attach)
     return recorder
 
 
@@ -97,17 +103,8 @@ def trained_model(model_uri, local_backend) -> TrainedModel:
 @pytest.fixture
 def sagemaker_stand_in(aws, trained_model, tmp_path, monkeypatch) -> Iterator[SageMakerStandIn]:
     """Hooks the stand-in onto every boto3 session the backend makes from now on."""
-    import backends.aws_session
-
     stand_in = SageMakerStandIn(aws, trained_model, tmp_path / "stand-in")
-    make = backends.aws_session.new_boto_session
-
-    def session_with_stand_in(region):
-        session = make(region)
-        stand_in.attach(session)
-        return session
-
-    monkeypatch.setattr(backends.aws_session, "new_boto_session", session_with_stand_in)
+    attach_to_new_sessions(monkeypatch, stand_in.attach)
     try:
         yield stand_in
     finally:

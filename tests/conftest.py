@@ -84,6 +84,18 @@ def model_uri(local_backend, cifar_dir) -> str:
     return local_backend.train(spec).model_uri
 
 
+@pytest.fixture(scope="module")
+def endpoint(request, local_backend, model_uri):
+    """A local endpoint serving ``model_uri`` for one test module, named after the module."""
+    from backends.base import EndpointSpec, managed_tags
+
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")
+    info = local_backend.deploy(EndpointSpec(name=name, model_uri=model_uri,
+                                             tags=managed_tags("pytest")))
+    yield info
+    local_backend.delete_endpoint(info.name)
+
+
 def _processes_under(base: Path) -> list[tuple[int, str]]:
     """Live processes (not zombies) whose command line or working directory lies under
     ``base``: servers, training hosts or anything else a test started there."""

@@ -63,6 +63,13 @@ def make_cifar_dir(root: Path, train_batches: int = 2, per_batch: int = 250, tes
     return batch_dir
 
 
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    """``array`` as numpy.save writes it: an ``application/x-npy`` request body."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
 def make_cifar_tarball(path: Path, **kwargs) -> str:
     """Writes a cifar-10-python.tar.gz-style archive at ``path``; returns its md5."""
     import tempfile

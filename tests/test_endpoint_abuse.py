@@ -8,7 +8,6 @@ The soak runs SOAK_SECONDS (20 in CI); `make soak` runs the long version.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import os
 import pickle
@@ -22,27 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.base import EndpointSpec, managed_tags
 from backends.local_server import MAX_PAYLOAD_BYTES
 from tests.reporting import report_table
+from tests.synthetic import npy
 
 FUZZ_CASES = 400
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 NPY, JSON = "application/x-npy", "application/json"
-
-
-@pytest.fixture(scope="module")
-def endpoint(local_backend, model_uri):
-    info = local_backend.deploy(EndpointSpec(name="abuse-endpoint", model_uri=model_uri,
-                                             tags=managed_tags("pytest")))
-    yield info
-    local_backend.delete_endpoint(info.name)
-
-
-def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=allow_pickle)
-    return buffer.getvalue()
 
 
 class Client:

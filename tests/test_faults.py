@@ -197,6 +197,14 @@ def session_model(monkeypatch, model_uri, local_backend) -> None:
 
 
 @pytest.mark.usefixtures("session_model")
+def add_fault_row(backend: str, fault: Fault, state: Any, reaped: list[str], leaks: dict,
+                  started: float) -> None:
+    fault_table().add(backend=backend, scenario=fault.scenario, **{
+        "final state": state.name, "cause (state message)": short(state.message),
+        "reaper deleted": len(reaped) if fault.reaper else "-",
+        "seconds": time.monotonic() - started}, **leaks)
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
 def test_local_teardown_under_fault(fault, prefect_harness, http_server, cifar_tarball,
                                     tmp_path, monkeypatch):
@@ -206,10 +214,7 @@ def test_local_teardown_under_fault(fault, prefect_harness, http_server, cifar_t
     state, injection, reaped = run_with_fault(
         fault, LocalBackend, local_config(http_server, cifar_tarball), monkeypatch)
     leaks = local_leaks(root)
-    fault_table().add(backend="local", scenario=fault.scenario, **{
-        "final state": state.name, "cause (state message)": short(state.message),
-        "reaper deleted": len(reaped) if fault.reaper else "-",
-        "seconds": time.monotonic() - started}, **leaks)
+    add_fault_row("local", fault, state, reaped, leaks, started)
 
     assert_state(fault, state)
     if fault.check:
@@ -293,10 +298,7 @@ def test_aws_teardown_under_fault(fault, prefect_harness, http_server, cifar_tar
     state, injection, reaped = run_with_fault(
         fault, AwsBackend, aws_config(http_server, cifar_tarball), monkeypatch)
     leaks = aws_leaks(aws, sagemaker_stand_in)
-    fault_table().add(backend="aws (moto)", scenario=fault.scenario, **{
-        "final state": state.name, "cause (state message)": short(state.message),
-        "reaper deleted": len(reaped) if fault.reaper else "-",
-        "seconds": time.monotonic() - started}, **leaks)
+    add_fault_row("aws (moto)", fault, state, reaped, leaks, started)
 
     assert_state(fault, state)
     if fault.check:

@@ -353,6 +353,19 @@ def test_sigkill_unsupervised_aws_run_then_the_reaper(server, killed_aws_run):
     assert killed.leaks == {"endpoints": 0, "configs": 0, "models": 0, "processes": 0}
 
 
+def served_run_held_in_smoke(served: Served, http_server: str, cifar_tarball):
+    """Triggers a served run and waits until it holds in its smoke test with the endpoint
+    InService: (backend, run id, endpoint name, endpoint info)."""
+    backend = served.backend()
+    run_id = trigger(served, http_server, cifar_tarball, hold_smoke=True)
+    name = resource_name(run_id)
+    wait_for(lambda: (served.control / f"in-smoke-{run_id}").exists(),
+             "the run reaches its smoke test", 180, served)
+    endpoint = endpoint_up(backend, name)
+    assert endpoint is not None, "the endpoint is not InService during the smoke test"
+    return backend, run_id, name, endpoint
+
+
 # --- cancellation --------------------------------------------------------------------------
 
 def test_cancel_during_training(served, http_server, cifar_tarball):
@@ -383,13 +396,8 @@ def test_cancel_during_training(served, http_server, cifar_tarball):
 
 def test_cancel_during_smoke_predict(served, http_server, cifar_tarball):
     started = time.monotonic()
-    backend = served.backend()
-    run_id = trigger(served, http_server, cifar_tarball, hold_smoke=True)
-    name = resource_name(run_id)
-    wait_for(lambda: (served.control / f"in-smoke-{run_id}").exists(),
-             "the run reaches its smoke test", 180, served)
-    endpoint = endpoint_up(backend, name)
-    assert endpoint is not None, "the endpoint is not InService during the smoke test"
+    backend, run_id, name, endpoint = served_run_held_in_smoke(served, http_server,
+                                                               cifar_tarball)
 
     cancel(served.server, run_id)
     run = final_state(served.server, run_id, 90, served=served)
@@ -408,13 +416,8 @@ def test_cancel_during_smoke_predict(served, http_server, cifar_tarball):
 def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, http_server,
                                                               cifar_tarball):
     started = time.monotonic()
-    backend = served.backend()
-    run_id = trigger(served, http_server, cifar_tarball, hold_smoke=True)
-    name = resource_name(run_id)
-    wait_for(lambda: (served.control / f"in-smoke-{run_id}").exists(),
-             "the run reaches its smoke test", 180, served)
-    endpoint = endpoint_up(backend, name)
-    assert endpoint is not None, "the endpoint is not InService during the smoke test"
+    backend, run_id, name, endpoint = served_run_held_in_smoke(served, http_server,
+                                                               cifar_tarball)
 
     os.kill(flow_process(served, run_id), signal.SIGKILL)
     run = final_state(served.server, run_id, 60, served=served)

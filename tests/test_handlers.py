@@ -12,17 +12,12 @@ import pytest
 import torch
 
 from tests.conftest import ENTRY_SCRIPT
+from tests.synthetic import npy
 
 sys.path.insert(0, str(ENTRY_SCRIPT.parent))
 import cifar10
 
 sys.path.pop(0)
-
-
-def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=allow_pickle)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

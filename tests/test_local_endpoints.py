@@ -16,8 +16,9 @@ import boto3
 import numpy as np
 import pytest
 
-from backends.base import EndpointExists, EndpointFailed, EndpointSpec, managed_tags
+from backends.base import EndpointExists, EndpointFailed, EndpointSpec
 from backends.local_server import MAX_PAYLOAD_BYTES
+from tests.synthetic import npy
 
 
 def sample_images(cifar_dir, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -25,12 +26,6 @@ def sample_images(cifar_dir, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
         batch = pickle.load(f, encoding="bytes")
     images = batch[b"data"][:n].reshape(-1, 3, 32, 32).astype(np.float32) / 255
     return images, np.array(batch[b"labels"][:n])
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, bytes]:
@@ -45,14 +40,6 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, byt
 def ping(url: str) -> int:
     with urllib.request.urlopen(f"{url}/ping", timeout=10) as response:
         return response.status
-
-
-@pytest.fixture(scope="module")
-def endpoint(local_backend, model_uri):
-    info = local_backend.deploy(EndpointSpec(name="test-endpoint", model_uri=model_uri,
-                                             tags=managed_tags("pytest")))
-    yield info
-    local_backend.delete_endpoint(info.name)
 
 
 def test_boto3_invoke_endpoint_returns_correct_predictions(local_backend, endpoint, cifar_dir):
