@@ -193,3 +193,28 @@ def test_hand_written_sgd_matches_torch_optim():
             reference.zero_grad()
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tutorial_channels_last_padding_keeps_values_and_gradients():
+    """Training runs the tutorial network channels-last, where conv1 gets two zero filters
+    (a faster max-pool); its outputs and gradients must equal the plain NCHW network's."""
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    try:
+        import cifar10
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    net = cifar10.TutorialNet()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net.zero_grad()
+        logits = net(x.contiguous(memory_format=layout))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
+    (plain, plain_grads), (padded, padded_grads) = results
+    assert padded.shape == (16, 10)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(padded_grads, plain_grads, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import ENTRY_SCRIPT
 from tests.synthetic import npy
@@ -80,25 +81,52 @@ def test_predict_is_eval_mode_without_grad(model):
     np.testing.assert_array_equal(logits, again)
 
 
-def test_serving_layout_and_relu_order_do_not_change_predictions(model):
-    """Serving runs the tutorial network NCHW with ReLU after pooling; training runs it
-    channels-last. Both must agree with the seed's pool(relu(conv)) formulation."""
+def test_served_predictions_match_the_seed_formulation(model_dir, model):
+    """Serving folds the normalisation into conv1, runs NCHW, applies ReLU after pooling and
+    calls the layers functionally; training runs channels-last. Both must agree with the
+    seed's network computed here from the saved weights: normalise, pool(relu(conv)) twice,
+    then the three linear layers."""
     images = torch.from_numpy(IMAGES)
     assert not model.channels_last  # tutorial serving uses PyTorch's native kernels
+    assert not model.normalise  # model_fn folded the normalisation into conv1
     served = cifar10.predict_fn(images, model)
     model.channels_last = True
     try:
         channels_last = cifar10.predict_fn(images, model)
     finally:
         model.channels_last = False
-    body = model.body
-    with torch.no_grad():
-        x = (images - model.mean) / model.std
-        x = body.pool(torch.relu(body.conv1(x)))
-        x = body.pool(torch.relu(body.conv2(x))).flatten(1)
-        seed = body.fc3(torch.relu(body.fc2(torch.relu(body.fc1(x))))).numpy()
+    state = torch.load(model_dir / cifar10.WEIGHTS_FILE, weights_only=True)
+    w = {name.removeprefix("body."): tensor for name, tensor in state.items()}
+    meta = json.loads((model_dir / cifar10.META_FILE).read_text())
+    x = (images - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(
+        meta["std"]).view(1, 3, 1, 1)
+    x = F.max_pool2d(F.relu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"])), 2)
+    x = F.max_pool2d(F.relu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"])), 2).flatten(1)
+    x = F.relu(F.linear(x, w["fc1.weight"], w["fc1.bias"]))
+    x = F.relu(F.linear(x, w["fc2.weight"], w["fc2.bias"]))
+    seed = F.linear(x, w["fc3.weight"], w["fc3.bias"]).numpy()
     np.testing.assert_allclose(served, channels_last, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(served, seed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["tutorial", "airbench"])
+def test_folding_the_normalisation_keeps_the_logits(architecture):
+    torch.manual_seed(0)
+    model = cifar10.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    images = torch.from_numpy(IMAGES)
+    with torch.no_grad():
+        before = model(images)
+        model.fold_normalisation()
+        after = model(images)
+    assert not model.normalise
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_refuses_a_padded_input_convolution():
+    model = cifar10.build_model("tutorial", [0.5] * 3, [0.25] * 3)
+    model.body.conv1.padding = (1, 1)
+    with pytest.raises(ValueError, match="padded"):
+        model.fold_normalisation()
 
 
 @pytest.mark.parametrize("accept, expected", [
