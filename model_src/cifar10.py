@@ -341,12 +341,9 @@ class Classifier(nn.Module):
         pixels, not in normalised ones). The state_dict no longer holds trained weights
         afterwards: fold only a model that serves."""
         conv = getattr(self.body, self.body.INPUT_CONV)
-        if any(conv.padding):
-            raise ValueError("cannot fold normalisation into a padded convolution")
+        if any(conv.padding) or conv.bias is None:
+            raise ValueError("can only fold normalisation into an unpadded convolution with bias")
         scale, shift = 1 / self.std, -self.mean / self.std  # x_norm = x * scale + shift
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device),
-                                     requires_grad=False)
         conv.bias += (conv.weight * shift).sum(dim=(1, 2, 3))
         conv.weight *= scale
         self.normalise = False

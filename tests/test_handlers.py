@@ -125,7 +125,7 @@ def test_folding_the_normalisation_keeps_the_logits(architecture):
 def test_folding_refuses_a_padded_input_convolution():
     model = cifar10.build_model("tutorial", [0.5] * 3, [0.25] * 3)
     model.body.conv1.padding = (1, 1)
-    with pytest.raises(ValueError, match="padded"):
+    with pytest.raises(ValueError, match="unpadded"):
         model.fold_normalisation()
 
 
