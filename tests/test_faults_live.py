@@ -163,6 +163,19 @@ def cancel(server: live.Server, run_id: str) -> None:
     assert result["status"] == "ACCEPT", result
 
 
+def cancel_and_record(served: Served, run_id: str, scenario: str,
+                      started: float) -> dict[str, Any]:
+    """Cancels a served run as the UI does, waits for its end and records its row; the run
+    must end Cancelled with a message. Returns the local leak counts."""
+    cancel(served.server, run_id)
+    run = final_state(served.server, run_id, 90, served=served)
+    leaks = local_leaks(served.home)
+    record_row(scenario, run, leaks, started)
+    assert run["state"]["name"] == "Cancelled", run["state"]
+    assert run["state"]["message"]
+    return leaks
+
+
 def endpoint_up(backend: LocalBackend, name: str):
     info = backend.describe_endpoint(name)
     return info if info is not None and info.status == "InService" else None
@@ -380,13 +393,8 @@ def test_cancel_during_training(served, http_server, cifar_tarball):
     hosts = json.loads((job_dir / "job.json").read_text())["processes"]
     assert hosts and all(alive(h["pid"]) for h in hosts)
 
-    cancel(served.server, run_id)
-    run = final_state(served.server, run_id, 90, served=served)
-    leaks = local_leaks(served.home)
-    record_row("cancel during training (served run)", run, leaks, started)
+    leaks = cancel_and_record(served, run_id, "cancel during training (served run)", started)
 
-    assert run["state"]["name"] == "Cancelled", run["state"]
-    assert run["state"]["message"]
     job = json.loads((job_dir / "job.json").read_text())
     assert job["status"] == "Stopped", job  # the job itself records why it ended
     assert not any(alive(h["pid"]) for h in hosts)
@@ -399,13 +407,9 @@ def test_cancel_during_smoke_predict(served, http_server, cifar_tarball):
     backend, run_id, name, endpoint = served_run_held_in_smoke(served, http_server,
                                                                cifar_tarball)
 
-    cancel(served.server, run_id)
-    run = final_state(served.server, run_id, 90, served=served)
-    leaks = local_leaks(served.home)
-    record_row("cancel during smoke-predict (served run)", run, leaks, started)
+    leaks = cancel_and_record(served, run_id, "cancel during smoke-predict (served run)",
+                              started)
 
-    assert run["state"]["name"] == "Cancelled", run["state"]
-    assert run["state"]["message"]
     assert backend.describe_endpoint(name) is None
     assert not alive(endpoint.extra["pid"])
     assert leaks["endpoints"] == leaks["processes"] == 0
