@@ -64,7 +64,9 @@ def run(
     data_md5: Annotated[str | None, typer.Option(help="its md5 (required for mirrors; "
                                                       "'none' skips the check)")] = None,
     model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~85%)")] = "tutorial",
-    epochs: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the training set, "
+                                                    "fractions allowed; default: the "
+                                                    "model preset's")] = None,
     batch_size: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
     lr: Annotated[float | None, typer.Option(help="default: the model preset's")] = None,
     instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,

@@ -105,16 +105,31 @@ def find_batch_dir(data_dir: Path) -> Path:
 
 
 def load_cifar10(data_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Train and test splits as uint8 image tensors and int64 label tensors."""
+    """Train and test splits as uint8 image tensors N x 3 x 32 x 32 and int64 label tensors.
+
+    The images are stored channels-last, the layout the networks compute in: a batch
+    gathered from them needs no conversion (converting each batch cost ~0.3 ms of a ~6 ms
+    training step on CPU)."""
     batch_dir = find_batch_dir(Path(data_dir))
     train = [read_batch(p) for p in sorted(batch_dir.glob("data_batch_*"))]
     test_x, test_y = read_batch(batch_dir / "test_batch")
     return {
-        "train_x": torch.from_numpy(np.concatenate([x for x, _ in train])),
+        "train_x": stack_channels_last([x for x, _ in train]),
         "train_y": torch.from_numpy(np.concatenate([y for _, y in train])),
-        "test_x": torch.from_numpy(test_x),
+        "test_x": stack_channels_last([test_x]),
         "test_y": torch.from_numpy(test_y),
     }
+
+
+def stack_channels_last(images: list[np.ndarray]) -> torch.Tensor:
+    """N x 3 x 32 x 32 uint8 arrays → one channels-last tensor, in a single copy."""
+    out = torch.empty((sum(map(len, images)), *IMAGE_SHAPE), dtype=torch.uint8,
+                      memory_format=torch.channels_last)
+    start = 0
+    for part in images:
+        out[start:start + len(part)].copy_(torch.from_numpy(part))
+        start += len(part)
+    return out
 
 
 def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
@@ -220,6 +235,9 @@ def random_jpeg(images: torch.Tensor, fraction: float, generator: torch.Generato
 # ---------------------------------------------------------------------------------------------
 
 
+WeightAndBias = tuple[torch.Tensor, torch.Tensor]
+
+
 class TutorialNet(nn.Module):
     """The network of PyTorch's CIFAR-10 tutorial (and of the seed notebook): same layers,
     same parameter names, so the seed's state_dict loads into it."""
@@ -234,13 +252,15 @@ class TutorialNet(nn.Module):
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 10)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_conv: WeightAndBias | None = None) -> torch.Tensor:
+        """``input_conv`` replaces conv1's weight and bias (see Classifier.forward)."""
         # Functional calls with the layers' parameters rather than calls of the layers: at
         # serving's batch of one image, calling a module costs about as much as the work
         # of a small layer. ReLU after pooling equals the tutorial's pool(relu(x)) (both
         # are monotone) and touches a quarter of the values; in place, since nothing else
         # reads its input.
-        w1, b1, w2 = self.conv1.weight, self.conv1.bias, self.conv2.weight
+        w1, b1 = input_conv or (self.conv1.weight, self.conv1.bias)
+        w2 = self.conv2.weight
         if x.is_contiguous(memory_format=torch.channels_last):
             # PyTorch's channels-last max-pool has no vectorised path for 6 channels and runs
             # ~2.5x slower than for 8 (a tenth of a training step): conv1 gets two all-zero
@@ -298,8 +318,9 @@ class AirbenchNet(nn.Module):
             self.stem.weight.copy_(torch.cat([filters, -filters]).float())
         self.stem.weight.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.stem(x))
+    def forward(self, x: torch.Tensor, input_conv: WeightAndBias | None = None) -> torch.Tensor:
+        """``input_conv`` replaces the stem's weight and bias (see Classifier.forward)."""
+        x = F.gelu(F.conv2d(x, *(input_conv or (self.stem.weight, self.stem.bias))))
         x = self.blocks(x)
         x = torch.amax(x, dim=(2, 3))
         return self.head(x) / 9
@@ -322,30 +343,36 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in the input's NCHW layout (broadcasting over 3 channels is several times
-        # slower in channels-last), then convert if the body runs channels-last.
-        if self.normalise:
-            x = (x - self.mean) / self.std
+        # The normalisation happens inside the input convolution (normalising_input_conv):
+        # normalising the pixels would cost two whole-batch passes, a tenth of a training
+        # step; rescaling a few hundred weights costs nothing, and gradients flow through it.
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.body(x)
+        input_conv = self.normalising_input_conv() if self.normalise else None
+        logits = self.body(x, input_conv)
         if self.flip_tta and not self.training:
-            logits = (logits + self.body(x.flip(-1))) / 2
+            logits = (logits + self.body(x.flip(-1), input_conv)) / 2
         return logits
 
-    @torch.no_grad()
-    def fold_normalisation(self) -> None:
-        """For serving: rescales the input convolution so it takes raw pixels, which saves
-        two whole-image operations per request. conv(w, (x - m) / s) = conv(w / s, x) + b',
-        exact because that convolution pads nothing (a padded border would be 0 in raw
-        pixels, not in normalised ones). The state_dict no longer holds trained weights
-        afterwards: fold only a model that serves."""
+    def normalising_input_conv(self) -> WeightAndBias:
+        """The input convolution's weight and bias for raw pixels: conv(w, (x - m) / s) =
+        conv(w / s, x) + b', with b' = b - sum(w * m / s). Exact because that convolution
+        pads nothing (a padded border would be 0 in raw pixels, not in normalised ones)."""
         conv = getattr(self.body, self.body.INPUT_CONV)
         if any(conv.padding) or conv.bias is None:
             raise ValueError("can only fold normalisation into an unpadded convolution with bias")
         scale, shift = 1 / self.std, -self.mean / self.std  # x_norm = x * scale + shift
-        conv.bias += (conv.weight * shift).sum(dim=(1, 2, 3))
-        conv.weight *= scale
+        return conv.weight * scale, conv.bias + (conv.weight * shift).sum(dim=(1, 2, 3))
+
+    @torch.no_grad()
+    def fold_normalisation(self) -> None:
+        """For serving: stores normalising_input_conv() as the input convolution's weights,
+        so requests skip even that. The state_dict no longer holds trained weights
+        afterwards: fold only a model that serves."""
+        conv = getattr(self.body, self.body.INPUT_CONV)
+        weight, bias = self.normalising_input_conv()
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
         self.normalise = False
 
 
@@ -354,8 +381,11 @@ class Classifier(nn.Module):
 PRESETS: dict[str, dict] = {
     "tutorial": {
         "network": TutorialNet,
-        "epochs": 2, "batch_size": 128, "lr": 0.08, "momentum": 0.9, "nesterov": True,
-        "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_fraction": 0.1,
+        # A pass and a quarter beats the seed's 54% on every seed tried (55.5-58.3% over
+        # seeds 0-11). Label smoothing and the longer warm-up keep this normalisation-free
+        # network from the occasional diverging run that lr 0.08 / momentum 0.9 gave.
+        "epochs": 1.25, "batch_size": 128, "lr": 0.05, "momentum": 0.95, "nesterov": True,
+        "weight_decay": 0.0, "label_smoothing": 0.2, "warmup_fraction": 0.2,
         "augment_pad": 0, "jpeg_fraction": 0.0, "flip_tta": False, "bf16": True,
         # Its convolutions are so small that oneDNN's per-call set-up (~60 µs each) costs
         # more than the arithmetic: serving answers twice as fast with the native kernels.
@@ -383,6 +413,12 @@ def build_model(architecture: str, mean: list[float], std: list[float]) -> Class
 # ---------------------------------------------------------------------------------------------
 
 
+def passes(text: str) -> int | float:
+    """``--epochs``: "2" -> 2, "1.5" -> 1.5 (metrics and logs then say 2 epochs, not 2.0)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     hosts = json.loads(env.get("SM_HOSTS", '["localhost"]'))
@@ -393,7 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="tutorial", choices=sorted(PRESETS), help="network preset")
-    p.add_argument("--epochs", type=int, help="passes over the training set")
+    p.add_argument("--epochs", type=passes,
+                   help="passes over the training set; a fraction ends the last one early "
+                        "(1.5: one pass, then half of a second)")
     p.add_argument("--batch-size", "--batch_size", type=int, help="images per step per host")
     p.add_argument("--lr", type=float, help="peak learning rate (SGD)")
     p.add_argument("--momentum", type=float, help="SGD momentum")
@@ -417,8 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("epochs", "batch_size", "lr", "momentum"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if not 0 < args.epochs < math.inf or args.batch_size < 1 or args.lr <= 0:
+        p.error("--epochs must be > 0, --batch-size >= 1 and --lr > 0")
     if args.output_data_dir is None:
         args.output_data_dir = str(Path(args.model_dir).parent / "output" / "data")
     return args
@@ -555,18 +593,19 @@ def train(args: argparse.Namespace) -> dict:
         range(len(train_x)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
     )
     steps_per_epoch = -(-len(sampler) // args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = math.ceil(steps_per_epoch * args.epochs)
     augment_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
 
     history = []
     step = 0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, math.ceil(args.epochs) + 1):
         epoch_start = time.perf_counter()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for start in range(0, len(order), args.batch_size):
+        epoch_end = min(len(order), (total_steps - step) * args.batch_size)  # fraction: early
+        for start in range(0, epoch_end, args.batch_size):
             idx = order[start:start + args.batch_size]
             x = to_model_input(train_x[idx], device)
             y = train_y[idx]
@@ -582,9 +621,10 @@ def train(args: argparse.Namespace) -> dict:
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             step += 1
-        seen = len(order)
+        seen = epoch_end
         record = {
             "epoch": epoch,
+            "images": seen,
             "train_loss": loss_sum.item() / seen,
             "train_accuracy": correct.item() / seen,
             "epoch_seconds": time.perf_counter() - epoch_start,

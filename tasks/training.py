@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ def fit(backend: Backend, spec: TrainingSpec) -> TrainingResult:
     """Runs the training job, streaming its log into the run's logs and its progress into a
     progress artifact. Not retried: a job that failed on its own fails the same way again."""
     log = logger()
-    epochs = int(spec.hyperparameters.get("epochs", 0)) or None
+    # Epoch log lines count whole or partial passes: 1.5 epochs log epochs 1 and 2.
+    epochs = math.ceil(float(spec.hyperparameters.get("epochs", 0))) or None
     progress = Progress("cifar10-training-progress",
                         f"Training job {spec.job_name}: epochs completed")
     started = time.monotonic()

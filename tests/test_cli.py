@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from backends.base import EndpointSpec, managed_tags
 from backends.local import LocalBackend
 from flows.cli import app, parse_duration
+from flows.config import TrainingSettings
 
 runner = CliRunner()
 
@@ -51,6 +52,15 @@ def test_bad_options_are_refused_before_anything_runs(args, message):
     result = runner.invoke(app, ["run", *args])
     assert result.exit_code == 2
     assert "invalid options" in result.output and message in result.output
+
+
+@pytest.mark.parametrize("epochs, passed", [(2.0, 2), (1.5, 1.5), (None, None)])
+def test_epochs_reach_the_entry_script_as_written(epochs, passed):
+    """The command line reads --epochs as a float; a whole number still goes to the training
+    job as "2" (not "2.0"), a fraction as is, and unset leaves the preset's value."""
+    hyperparameters = TrainingSettings(epochs=epochs).hyperparameters()
+    assert hyperparameters.get("epochs") == passed
+    assert type(hyperparameters.get("epochs")) is type(passed)
 
 
 def test_endpoint_commands_list_delete_and_reap(model_uri):

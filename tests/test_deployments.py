@@ -233,7 +233,7 @@ def test_asking_the_api_to_schedule_plans_the_nightly_runs(deployed):
 BAD_PARAMETERS = [
     ("pipeline", {"config": {"training": {"epochs": 0}}},
      "Validation failed for field 'config.training.epochs'. Failure reason: 0 is less than "
-     "the minimum of 1"),
+     "or equal to the minimum of 0"),
     ("pipeline", {"config": {"backend": "gcp"}},
      "Validation failed for field 'config.backend'. Failure reason: 'gcp' is not one of "
      "['local', 'aws']"),

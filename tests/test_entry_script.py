@@ -71,6 +71,26 @@ def test_metrics_are_scrapable_and_saved(trained):
     assert metrics["batch_size"] == 16 and metrics["lr"] == 0.02
 
 
+def test_fractional_epochs_end_the_last_pass_early(tmp_path, cifar_dir):
+    """--epochs 1.5 trains one full pass, then half of a second (in whole batches)."""
+    env = sagemaker_env(tmp_path, cifar_dir)
+    result = run_entry_script(["--epochs", "1.5", "--batch-size", "16", "--lr", "0.02"],
+                              env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "output/data/metrics.json").read_text())
+    # 500 training images: 32 steps per pass, 48 in all, so the second pass stops after 16.
+    assert metrics["epochs"] == 1.5
+    assert [(h["epoch"], h["images"]) for h in metrics["history"]] == [(1, 500), (2, 256)]
+    assert len(re.findall(r"^epoch=\d+; images=\d+;", result.stdout, re.M)) == 2
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "inf", "nan"])
+def test_epochs_must_be_positive_and_finite(tmp_path, cifar_dir, epochs):
+    result = run_entry_script(["--epochs", epochs], sagemaker_env(tmp_path, cifar_dir), tmp_path)
+    assert result.returncode == 2
+    assert "--epochs must be > 0" in result.stderr
+
+
 def test_stronger_preset_trains(tmp_path, cifar_dir):
     env = sagemaker_env(tmp_path, cifar_dir)
     result = run_entry_script(["--model", "airbench", "--epochs", "2", "--batch-size", "128"],
@@ -193,6 +213,32 @@ def test_hand_written_sgd_matches_torch_optim():
             reference.zero_grad()
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["tutorial", "airbench"])
+def test_normalising_inside_the_input_conv_keeps_values_and_gradients(architecture):
+    """The Classifier normalises by rescaling its input convolution's weights (cheaper than
+    normalising every pixel); the logits and every parameter's gradient must equal those of
+    the network run on normalised pixels."""
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    try:
+        import cifar10
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    model = cifar10.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    model.body.requires_grad_(True)  # airbench's frozen stem too: its gradient is checked
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    results = []
+    for logits_of in (model, lambda x: model.body((x - model.mean) / model.std)):
+        model.zero_grad()
+        logits = logits_of(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (folded, folded_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+    for a, b in zip(folded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_tutorial_channels_last_padding_keeps_values_and_gradients():

@@ -93,7 +93,7 @@ def test_the_cli_rejects_bad_parameters_before_anything_starts(server, served):
                            "--param", 'config={"training": {"epochs": 0}}')
     assert code == 1, output
     assert ("Error creating flow run: Validation failed for field 'config.training.epochs'. "
-            "Failure reason: 0 is less than the minimum of 1") in output
+            "Failure reason: 0 is less than or equal to the minimum of 0") in output
     assert len(manual_runs(server, served["deployment"]["id"])) == before
 
 
