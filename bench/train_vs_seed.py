@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strong", action="store_true",
-                        help="also train the stronger preset (airbench, ~7 minutes here)")
+                        help="also train the stronger preset (airbench, ~6 minutes here)")
     parser.add_argument("--skip-seed", action="store_true",
                         help="skip the seed recipe (2-5 minutes here; no ratio is printed)")
     parser.add_argument("--repeats", type=int, default=3,

@@ -36,7 +36,7 @@ class DataSettings(_Section):
 class TrainingSettings(_Section):
     model: Literal["tutorial", "airbench"] = Field(
         "tutorial", description="tutorial: the seed notebook's network (~56% in ~5 s on 2 "
-                                "CPUs); airbench: the stronger preset (~87% in ~7 min)")
+                                "CPUs); airbench: the stronger preset (~87% in ~6 min)")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training "
                                  "set, fractions allowed (1.5); unset: the preset's value")
     batch_size: int | None = Field(None, ge=1, le=8192, description="images per step per host")
