@@ -594,6 +594,7 @@ def train(args: argparse.Namespace) -> dict:
     )
     steps_per_epoch = -(-len(sampler) // args.batch_size)
     total_steps = math.ceil(steps_per_epoch * args.epochs)
+    log_metrics(epochs=args.epochs, total_steps=total_steps)  # the plan, for progress bars
     augment_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
 
     history = []
@@ -625,6 +626,7 @@ def train(args: argparse.Namespace) -> dict:
         record = {
             "epoch": epoch,
             "images": seen,
+            "steps": step,  # since the start, out of total_steps
             "train_loss": loss_sum.item() / seen,
             "train_accuracy": correct.item() / seen,
             "epoch_seconds": time.perf_counter() - epoch_start,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from pathlib import Path
@@ -15,7 +14,32 @@ from tasks.download import Dataset
 from tasks.reporting import Progress, logger, publish_table
 from tasks.retries import retry_transient
 
-EPOCH_LINE = re.compile(r"\bepoch=(\d+);.*\btrain_loss=([0-9.]+);")
+LOG_VALUE = re.compile(r"\b(\w+)=([^;\s]+);")  # the entry script's name=value; lines
+
+
+def log_values(line: str) -> dict[str, str]:
+    """The ``name=value;`` pairs of one training log line (empty for other lines)."""
+    return dict(LOG_VALUE.findall(line))
+
+
+class TrainingProgress:
+    """Follows the entry script's log: its plan line (``total_steps=N;``) and one line per
+    epoch (``epoch=E; ... steps=S; train_loss=L;``) give the fraction of steps done."""
+
+    def __init__(self) -> None:
+        self.total_steps: int | None = None
+
+    def read(self, line: str) -> tuple[float, str] | None:
+        """(percent, description) when ``line`` moves training on, else None."""
+        values = log_values(line)
+        if "total_steps" in values:
+            self.total_steps = int(values["total_steps"])
+        elif {"epoch", "steps", "train_loss"} <= values.keys() and self.total_steps:
+            steps = int(values["steps"])
+            return (100 * steps / self.total_steps,
+                    f"epoch {values['epoch']}, step {steps}/{self.total_steps}, "
+                    f"train loss {float(values['train_loss']):.3f}")
+        return None
 
 
 @task(name="upload_data", task_run_name="upload data to {backend.name}", cache_policy=NO_CACHE,
@@ -33,20 +57,16 @@ def fit(backend: Backend, spec: TrainingSpec) -> TrainingResult:
     """Runs the training job, streaming its log into the run's logs and its progress into a
     progress artifact. Not retried: a job that failed on its own fails the same way again."""
     log = logger()
-    # Epoch log lines count whole or partial passes: 1.5 epochs log epochs 1 and 2.
-    epochs = math.ceil(float(spec.hyperparameters.get("epochs", 0))) or None
     progress = Progress("cifar10-training-progress",
-                        f"Training job {spec.job_name}: epochs completed")
+                        f"Training job {spec.job_name}: training steps completed")
+    training_progress = TrainingProgress()
     started = time.monotonic()
 
     def on_log(line: str) -> None:
         log.info(line)
-        match = EPOCH_LINE.search(line)
-        if match and epochs:
-            epoch = int(match.group(1))
-            progress.update(100 * epoch / epochs,
-                            f"epoch {epoch}/{epochs}, train loss {float(match.group(2)):.3f}, "
-                            f"{time.monotonic() - started:.0f}s")
+        if advanced := training_progress.read(line):
+            percent, description = advanced
+            progress.update(percent, f"{description}, {time.monotonic() - started:.0f}s")
 
     log.info("starting training job %s on %s (%d x %s), hyperparameters %s", spec.job_name,
              backend.name, spec.instance_count, spec.instance_type, spec.hyperparameters)

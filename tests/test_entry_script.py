@@ -82,6 +82,13 @@ def test_fractional_epochs_end_the_last_pass_early(tmp_path, cifar_dir):
     assert metrics["epochs"] == 1.5
     assert [(h["epoch"], h["images"]) for h in metrics["history"]] == [(1, 500), (2, 256)]
     assert len(re.findall(r"^epoch=\d+; images=\d+;", result.stdout, re.M)) == 2
+    # The fit task's progress bar follows this log: the plan line, then one line per epoch.
+    from tasks.training import TrainingProgress
+
+    progress = TrainingProgress()
+    updates = [u for line in result.stdout.splitlines() if (u := progress.read(line))]
+    assert [(round(percent, 1), text.split(", train loss")[0]) for percent, text in updates] == [
+        (66.7, "epoch 1, step 32/48"), (100.0, "epoch 2, step 48/48")]
 
 
 @pytest.mark.parametrize("epochs", ["0", "-1", "inf", "nan"])
