@@ -25,6 +25,13 @@ def import_handlers(code_dir: Path):
     return module
 
 
+def train_and_read_metrics(root: Path, data_dir: Path, args: list[str]):
+    """Runs a training that must succeed, with /opt/ml at ``root``: its result and metrics."""
+    result = run_entry_script(args, sagemaker_env(root, data_dir), root)
+    assert result.returncode == 0, result.stderr
+    return result, json.loads((root / "output/data/metrics.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cifar_dir):
     """One tutorial-network training run, shared by the tests below."""
@@ -73,11 +80,8 @@ def test_metrics_are_scrapable_and_saved(trained):
 
 def test_fractional_epochs_end_the_last_pass_early(tmp_path, cifar_dir):
     """--epochs 1.5 trains one full pass, then half of a second (in whole batches)."""
-    env = sagemaker_env(tmp_path, cifar_dir)
-    result = run_entry_script(["--epochs", "1.5", "--batch-size", "16", "--lr", "0.02"],
-                              env, tmp_path)
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "output/data/metrics.json").read_text())
+    result, metrics = train_and_read_metrics(
+        tmp_path, cifar_dir, ["--epochs", "1.5", "--batch-size", "16", "--lr", "0.02"])
     # 500 training images: 32 steps per pass, 48 in all, so the second pass stops after 16.
     assert metrics["epochs"] == 1.5
     assert [(h["epoch"], h["images"]) for h in metrics["history"]] == [(1, 500), (2, 256)]
@@ -99,11 +103,8 @@ def test_epochs_must_be_positive_and_finite(tmp_path, cifar_dir, epochs):
 
 
 def test_stronger_preset_trains(tmp_path, cifar_dir):
-    env = sagemaker_env(tmp_path, cifar_dir)
-    result = run_entry_script(["--model", "airbench", "--epochs", "2", "--batch-size", "128"],
-                              env, tmp_path)
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "output/data/metrics.json").read_text())
+    _, metrics = train_and_read_metrics(
+        tmp_path, cifar_dir, ["--model", "airbench", "--epochs", "2", "--batch-size", "128"])
     assert metrics["model"] == "airbench" and len(metrics["history"]) == 2
     handlers = import_handlers(tmp_path / "model" / "code")
     model = handlers.model_fn(str(tmp_path / "model"))
