@@ -9,26 +9,41 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # Everything the pipeline writes at run time stays in the project: data, local store, jobs,
 # endpoints, and Prefect's database (so `make ui` shows the runs made by `make run`).
 export CIFAR10_PIPELINE_HOME ?= $(CURDIR)/.state
+ifeq ($(origin PREFECT_HOME),undefined)
+# Prefect's profiles stay where the user keeps them: the active one may name their own server
+# or Prefect Cloud workspace (`prefect cloud login` writes it there). Not for test, bench and
+# soak, which must never reach a user's server.
+run ui serve deploy worker: export PREFECT_PROFILES_PATH ?= $(HOME)/.prefect/profiles.toml
+endif
 export PREFECT_HOME ?= $(CURDIR)/.state/prefect
 # Prefect's server reports usage telemetry; offline (as on the build machines) every run would
 # log an ERROR for it. Set to true to send it.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-# The Prefect server of `make ui`; `make serve`, `make deploy` and `make worker` talk to it.
+# The Prefect server of `make ui`.
 UI_HOST := 127.0.0.1
 UI_PORT ?= 4200
 API_URL := http://$(UI_HOST):$(UI_PORT)/api
-serve deploy worker: export PREFECT_API_URL := $(API_URL)
+# The Prefect API that `make serve`, `deploy`, `worker` and `run` talk to: the user's own
+# (PREFECT_API_URL from the environment or the active Prefect profile: a self-hosted server or
+# Prefect Cloud), else `make ui`'s. For `run`, `make ui`'s only while it answers; otherwise the
+# run starts a temporary server over the same database.
+USE_API = url="$$($(BIN)/python -m flows.prefect_api --fallback $(API_URL) $(1))" || exit 1; \
+	if [ -n "$$url" ]; then export PREFECT_API_URL="$$url"; echo "Prefect API: $$url"; fi
 # The timezone the deployments' cron schedules are read in (an IANA name), for both routes.
 export CIFAR10_SCHEDULE_TZ ?= UTC
 WORK_POOL := cifar10-local
 
-.PHONY: setup browser test lint run ui serve deploy worker bench soak clean help
+.PHONY: setup browser test lint run ui serve deploy worker bench soak clean help \
+	prefect-home isolated-prefect-home
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))' 2>/dev/null || { \
+		echo "error: the project needs Python >= 3.11.4; $(PYTHON) is $$($(PYTHON) --version \
+		2>&1). Run make with PYTHON=python3.11 (or newer)."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
@@ -41,9 +56,17 @@ setup: $(VENV)/.installed  ## create .venv and install the project with its dev 
 
 # Prefect creates its home directory but not the directories above it (a fresh clone has no
 # .state/): without this, `make ui` or `make run` there fails with "unable to open database file",
-# and every other Prefect import warns that it could not create it.
-$(PREFECT_HOME):
-	mkdir -p $@
+# and every other Prefect import warns that it could not create it. (A recipe, not a file
+# target: make splits paths with spaces.)
+prefect-home:
+	@mkdir -p "$$PREFECT_HOME"
+
+# test, bench and soak never reach a user's Prefect server or Cloud workspace: the project's
+# own Prefect home, no API URL, key or profiles from the environment.
+ISOLATED_PREFECT := env -u PREFECT_API_URL -u PREFECT_API_KEY -u PREFECT_PROFILES_PATH \
+	PREFECT_HOME="$(CURDIR)/.state/prefect"
+isolated-prefect-home:
+	@mkdir -p "$(CURDIR)/.state/prefect"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check .
@@ -60,40 +83,39 @@ browser:  ## headless Chromium for the UI test (apt-get, when root)
 	else echo "note: no chromium and no root apt-get to install it: the UI test will be skipped"; \
 	fi
 
-test: setup browser | $(PREFECT_HOME)  ## ruff, then the test suite
+test: setup browser | isolated-prefect-home  ## ruff, then the test suite
 	$(BIN)/ruff check .
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(ISOLATED_PREFECT) $(BIN)/pytest $(PYTEST_ARGS)
 
 # With `make ui` running, the run reports to it (watch it live); otherwise Prefect starts a
 # temporary server on the same database, and `make ui` shows the run afterwards.
-run: setup | $(PREFECT_HOME)  ## run the whole pipeline locally; options via ARGS='--epochs 1 ...'
-	@if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(API_URL)/health', timeout=2)" \
-		2>/dev/null; then export PREFECT_API_URL=$(API_URL); fi; \
-	$(BIN)/cifar10-pipeline run $(ARGS)
+run: setup | prefect-home  ## run the whole pipeline locally; options via ARGS='--epochs 1 ...'
+	@$(call USE_API,--if-up); $(BIN)/cifar10-pipeline run $(ARGS)
 
 # PREFECT_UI_API_URL is spelt out: the UI would otherwise follow a PREFECT_API_URL from the
 # environment (another server, Prefect Cloud) instead of this server.
-ui: setup | $(PREFECT_HOME)  ## Prefect server + UI on http://127.0.0.1:4200 over .state/prefect (Ctrl-C stops)
+ui: setup | prefect-home  ## Prefect server + UI on http://127.0.0.1:4200 over .state/prefect (Ctrl-C stops)
 	PREFECT_SERVER_API_HOST=$(UI_HOST) PREFECT_SERVER_API_PORT=$(UI_PORT) \
 	PREFECT_UI_API_URL=$(API_URL) $(BIN)/prefect server start
 
-serve: setup | $(PREFECT_HOME)  ## serve the nightly pipeline + hourly reaper to `make ui` (options: SERVE_ARGS)
-	$(BIN)/python -m deployments.serve $(SERVE_ARGS)
+serve: setup | prefect-home  ## serve the nightly pipeline + hourly reaper (your Prefect API, else `make ui`'s; SERVE_ARGS)
+	@$(call USE_API); $(BIN)/python -m deployments.serve $(SERVE_ARGS)
 
-deploy: setup | $(PREFECT_HOME)  ## work-pool route: create the process pool, apply deployments/prefect.yaml
+deploy: setup | prefect-home  ## work-pool route: create the process pool, apply deployments/prefect.yaml
+	@$(call USE_API); set -e; \
 	$(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 \
-		|| $(BIN)/prefect work-pool create $(WORK_POOL) --type process
-	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+		|| $(BIN)/prefect work-pool create $(WORK_POOL) --type process; \
+	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml; \
 	$(BIN)/python -m deployments.automations
 
-worker: setup | $(PREFECT_HOME)  ## work-pool route: a process worker that runs the *-worker deployments
-	$(BIN)/prefect worker start --pool $(WORK_POOL)
+worker: setup | prefect-home  ## work-pool route: a process worker that runs the *-worker deployments
+	@$(call USE_API); $(BIN)/prefect worker start --pool $(WORK_POOL)
 
-bench: setup | $(PREFECT_HOME)  ## run every benchmark in bench/ and print one table (~15 min; BENCH_ARGS=--quick)
-	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+bench: setup | isolated-prefect-home  ## run every benchmark in bench/ and print one table (~25 min; BENCH_ARGS=--quick)
+	$(ISOLATED_PREFECT) $(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
-soak: setup | $(PREFECT_HOME)  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
-	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(BIN)/pytest -m soak -s $(PYTEST_ARGS)
+soak: setup | isolated-prefect-home  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
+	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(ISOLATED_PREFECT) $(BIN)/pytest -m soak -s $(PYTEST_ARGS)
 
 clean:  ## remove the virtual environment and all local state
 	rm -rf $(VENV) .state .pytest_cache .ruff_cache *.egg-info

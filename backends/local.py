@@ -27,12 +27,25 @@ from backends.local_store import LocalStore
 from backends.local_training import LocalTrainingJobs
 from backends.settings import ENTRY_POINT, SOURCE_DIR, state_dir
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def bypass_proxies_for_loopback() -> None:
+    """Adds the loopback hosts to ``no_proxy``/``NO_PROXY``: local endpoints (and Prefect's
+    temporary server) listen there, and an ``http_proxy`` from the environment without such an
+    entry, as on many corporate machines, would send their requests to the proxy instead."""
+    for key in ("no_proxy", "NO_PROXY"):
+        hosts = [h.strip() for h in os.environ.get(key, "").split(",") if h.strip()]
+        if "*" not in hosts and (missing := [h for h in LOOPBACK_HOSTS if h not in hosts]):
+            os.environ[key] = ",".join(hosts + missing)
+
 
 class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, root: Path | None = None, python: str = sys.executable,
                  deploy_timeout_seconds: float = 120.0) -> None:
+        bypass_proxies_for_loopback()
         self.root = Path(root) if root else state_dir()
         self.store = LocalStore(self.root / "store")
         self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR, ENTRY_POINT,

@@ -74,6 +74,14 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), which
+    can be fewer than the machine has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def _gpu_count() -> int:
     """Visible NVIDIA GPUs, without importing torch into the orchestrating process."""
     if not shutil.which("nvidia-smi"):
@@ -270,7 +278,7 @@ class LocalTrainingJobs:
 
     def _environment(self, root: Path, hyperparameters: dict[str, str], hosts: list[str],
                      host: str, master_port: int, spec: TrainingSpec) -> dict[str, str]:
-        cpus = max(1, (os.cpu_count() or 1) // len(hosts))
+        cpus = max(1, usable_cpus() // len(hosts))
         gpus = _gpu_count()
         env = dict(os.environ)
         host_index = hosts.index(host)

@@ -14,7 +14,7 @@ from common import machine, print_table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="skip the ~7-minute airbench training")
+                        help="skip the airbench trainings (bf16 where native and fp32: ~13 minutes here)")
     args = parser.parse_args()
     rows = []
     for title, run in (

@@ -1,28 +1,36 @@
-"""Training speed against the seed notebook, on the real CIFAR-10 mirror.
+"""Training speed against the seed notebook, on the real CIFAR-10 mirror, on both precision
+paths.
 
 Runs, each as its own process and one after the other (so they never share the CPU):
 
 1. the seed recipe (bench/seed_recipe.py): tutorial network, torchvision CIFAR10 with
    per-sample ToTensor/Normalize, batch 4, 2 workers, 2 epochs, SGD lr 0.001 momentum 0.9;
-2. our entry script with its default configuration (the tutorial network from in-memory
-   tensors);
-3. with --strong, our entry script's stronger preset (airbench).
+2. our entry script's default configuration with ``--precision fp32`` (what every machine
+   without native bf16 runs: AVX2-only laptops, ``ml.m5``) and with ``--precision auto`` (what
+   this machine picks). Where auto picks fp32 both are the same configuration: it runs once and
+   the same figure is printed twice;
+3. with --strong, the stronger preset (airbench) with ``auto`` and with ``fp32``.
 
 Prints two times for each: the recipe's (from loading the data to the test accuracy, by a
 clock in the process, after its imports) and the process's wall time (interpreter start and
-`import torch`, ~1.3 s here, included), the test accuracy, and the speed-ups. The seed's own
-accuracy is deterministic (seeded), and so is ours.
+`import torch` included), the test accuracy, the speed-ups against the seed, and the CPU
+capability torch reports. The seed's accuracy and ours are deterministic (seeded).
 
 Our default run lasts seconds, the seed's minutes: a few seconds of a noisy neighbour on a
-shared VM swing ours by 20% and average out over the seed's run. So ours runs --repeats times
-(default 3: once before the seed, the rest after it) and the run with the median process wall
-time is compared; every run's times are printed.
+shared VM swing ours by 20% and average out over the seed's run. So each of ours runs
+--repeats times (default 3: once before the seed, the rest after it) and the run with the
+median process wall time is compared; every run's times are printed.
+
+``--like avx2`` (or ``avx512``) runs everything as on a CPU without native bf16, by capping
+oneDNN's and ATen's instruction sets (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY): the path an
+AVX2 laptop (or a Skylake ``ml.m5``) takes, measured on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,28 +40,59 @@ from pathlib import Path
 from common import REPO, machine, print_table, real_cifar10
 
 ENTRY_SCRIPT = REPO / "model_src" / "cifar10.py"
+# Instruction-set caps that make this machine compute like one without native bf16.
+LIKE = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"},
+}
+CAPABILITY_PROBE = f"""
+import json, sys
+sys.path.insert(0, {str(ENTRY_SCRIPT.parent)!r})
+import torch
+from cifar10 import choose_precision
+cpu = torch.cpu
+precision, why = choose_precision("auto", torch.device("cpu"))
+print(json.dumps({{
+    "capability": torch.backends.cpu.get_cpu_capability(),
+    "avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported(),
+    "onednn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    "auto": precision, "why": why}}))
+"""
 
 
-def run_seed(data_root: Path, work: Path) -> dict:
+def capability(env: dict[str, str]) -> dict:
+    """What torch reports about this CPU, and what ``--precision auto`` picks on it."""
+    out = subprocess.run([sys.executable, "-c", CAPABILITY_PROBE], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_seed(data_root: Path, work: Path, env: dict[str, str]) -> dict:
     out = work / "seed.json"
     started = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "bench" / "seed_recipe.py"), str(data_root),
-                    str(out)], check=True, stdout=subprocess.DEVNULL)
+                    str(out)], check=True, stdout=subprocess.DEVNULL, env=env)
     result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - started
     return result
 
 
-def run_entry_script(batch_dir: Path, work: Path, name: str, args: list[str]) -> dict:
+def run_entry_script(batch_dir: Path, work: Path, name: str, args: list[str],
+                     env: dict[str, str]) -> dict:
     model_dir = work / name / "model"
     started = time.perf_counter()
     subprocess.run([sys.executable, str(ENTRY_SCRIPT), "--data-dir", str(batch_dir),
-                    "--model-dir", str(model_dir), *args], check=True, stdout=subprocess.DEVNULL)
+                    "--model-dir", str(model_dir), *args], check=True, stdout=subprocess.DEVNULL,
+                   env=env)
     wall = time.perf_counter() - started
     metrics = json.loads((work / name / "output" / "data" / "metrics.json").read_text())
     return {"test_accuracy": metrics["test_accuracy"], "wall_seconds": wall,
             "recipe_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
-            "batch_size": metrics["batch_size"]}
+            "batch_size": metrics["batch_size"], "precision": metrics["precision"]}
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["wall_seconds"])[(len(runs) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
@@ -61,33 +100,56 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strong", action="store_true",
-                        help="also train the stronger preset (airbench, ~6 minutes here)")
+                        help="also train the stronger preset (airbench) with auto and with "
+                             "fp32 precision (5-10 minutes each here)")
     parser.add_argument("--skip-seed", action="store_true",
                         help="skip the seed recipe (2-5 minutes here; no ratio is printed)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of our default configuration; the median one is compared")
+                        help="runs of each default configuration; the median one is compared")
+    parser.add_argument("--like", choices=sorted(LIKE),
+                        help="compute as a CPU without native bf16 would (caps the instruction "
+                             "sets of oneDNN and ATen for every run, the seed's included)")
     args = parser.parse_args(argv)
+    env = {**os.environ, **LIKE.get(args.like or "", {})}
     batch_dir = real_cifar10()
-    print(f"machine: {machine()}")
+    cpu = capability(env)
+    print(f"machine: {machine()}" + (f", run as {args.like} ({LIKE[args.like]})"
+                                     if args.like else ""))
+    print(f"CPU capability (torch): {cpu['capability']}, AVX512-BF16 {cpu['avx512_bf16']}, "
+          f"AMX {cpu['amx']}, oneDNN bf16 {cpu['onednn_bf16']}; --precision auto picks "
+          f"{cpu['auto']} ({cpu['why']})")
     print(f"data: {batch_dir}")
-    rows = []
+    # auto == fp32 on this machine: the same configuration, measured once.
+    paths = ["fp32"] if cpu["auto"] == "fp32" else ["fp32", "auto"]
+    runs: dict[str, list[dict]] = {path: [] for path in paths}
+
+    def run_ours(repeat: int) -> None:
+        for path in paths:
+            print(f"running our default configuration, --precision {path} "
+                  f"({repeat} of {args.repeats})...", flush=True)
+            runs[path].append(run_entry_script(batch_dir, work, f"{path}-{repeat}",
+                                               ["--precision", path], env))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        runs = []
-        print("running our default configuration...", flush=True)
-        runs.append(run_entry_script(batch_dir, work, "default-1", []))
+        run_ours(1)
         seed = None
         if not args.skip_seed:
             print("running the seed recipe...", flush=True)
-            seed = run_seed(batch_dir.parent, work)
+            seed = run_seed(batch_dir.parent, work, env)
         for repeat in range(2, args.repeats + 1):
-            print(f"running our default configuration ({repeat} of {args.repeats})...", flush=True)
-            runs.append(run_entry_script(batch_dir, work, f"default-{repeat}", []))
-        ours = sorted(runs, key=lambda r: r["wall_seconds"])[(len(runs) - 1) // 2]
-        strong = None
+            run_ours(repeat)
+        strong = {}
         if args.strong:
-            print("running our stronger preset...", flush=True)
-            strong = run_entry_script(batch_dir, work, "strong", ["--model", "airbench"])
+            for path in paths:
+                print(f"running our stronger preset, --precision {path}...", flush=True)
+                strong[path] = run_entry_script(batch_dir, work, f"strong-{path}",
+                                                ["--model", "airbench", "--precision", path],
+                                                env)
+    ours = {path: median_run(results) for path, results in runs.items()}
+    ours.setdefault("auto", ours["fp32"])
+    if strong:
+        strong.setdefault("auto", strong["fp32"])
 
     def row(label: str, result: dict) -> list[str]:
         speedups = ["-", "-"]
@@ -97,34 +159,57 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         return [label, f"{result['recipe_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
                 f"{result['test_accuracy']:.4f}", *speedups]
 
+    rows = []
     if seed:
         rows.append(row("seed notebook (tutorial net, batch 4, PIL transforms)", seed))
-    rows.append(row(f"ours, default (tutorial net, batch {ours['batch_size']}, "
-                    f"{ours['epochs']} epochs, tensors), median of {len(runs)}", ours))
-    if strong:
-        rows.append(row(f"ours, --model airbench ({strong['epochs']} epochs)", strong))
+    for path in ("fp32", "auto"):
+        result = ours[path]
+        rows.append(row(f"ours, default, --precision {path} (ran {result['precision']}; "
+                        f"batch {result['batch_size']}, {result['epochs']} epochs), median of "
+                        f"{len(runs[cpu['auto'] if path == 'auto' else 'fp32'])}", result))
+    for path in ("fp32", "auto") if strong else ():
+        result = strong[path]
+        rows.append(row(f"ours, --model airbench --precision {path} (ran {result['precision']}; "
+                        f"{result['epochs']} epochs)", result))
     print()
     print_table(["recipe", "recipe s", "process wall s", "test acc", "speed-up (recipe)",
                  "speed-up (process)"], rows)
-    print("\nour default runs, recipe s / process wall s: "
-          + ", ".join(f"{r['recipe_seconds']:.1f} / {r['wall_seconds']:.1f}" for r in runs))
+    for path, results in runs.items():
+        print(f"our default runs, --precision {path}, recipe s / process wall s: "
+              + ", ".join(f"{r['recipe_seconds']:.1f} / {r['wall_seconds']:.1f}"
+                          for r in results))
 
-    summary = [["train_vs_seed", "default vs seed: recipe s / process s / test acc",
-                f"{ours['recipe_seconds']:.1f} / {ours['wall_seconds']:.1f} / "
-                f"{ours['test_accuracy']:.4f}",
-                f"seed {seed['recipe_seconds']:.0f} / {seed['wall_seconds']:.0f} / "
-                f"{seed['test_accuracy']:.4f}" if seed else "-"]]
-    if strong:
-        summary.append(["train_vs_seed", "airbench: recipe s / process s / test acc",
-                        f"{strong['recipe_seconds']:.1f} / {strong['wall_seconds']:.1f} / "
-                        f"{strong['test_accuracy']:.4f}", "-"])
+    summary = []
+    for path in ("fp32", "auto"):
+        result = ours[path]
+        summary.append(["train_vs_seed", f"default, --precision {path} ({result['precision']}) "
+                        f"vs seed: recipe s / process s / test acc",
+                        f"{result['recipe_seconds']:.1f} / {result['wall_seconds']:.1f} / "
+                        f"{result['test_accuracy']:.4f}",
+                        f"seed {seed['recipe_seconds']:.0f} / {seed['wall_seconds']:.0f} / "
+                        f"{seed['test_accuracy']:.4f} ("
+                        f"{seed['wall_seconds'] / result['wall_seconds']:.1f}x)" if seed else "-"])
+    for path in ("fp32", "auto") if strong else ():
+        result = strong[path]
+        summary.append(["train_vs_seed", f"airbench, --precision {path} ({result['precision']})"
+                        f": recipe s / process s / test acc",
+                        f"{result['recipe_seconds']:.1f} / {result['wall_seconds']:.1f} / "
+                        f"{result['test_accuracy']:.4f}", "-"])
     if seed:
-        fast = all(ours[key] * 15 <= seed[key] for key in ("recipe_seconds", "wall_seconds"))
-        verdict = "meets" if fast and ours["test_accuracy"] >= seed["test_accuracy"] else "MISSES"
-        print(f"\ndefault configuration {verdict} the target: >= seed accuracy in <= 1/15 of "
-              f"its time ({seed['recipe_seconds'] / ours['recipe_seconds']:.1f}x on recipe time, "
-              f"{seed['wall_seconds'] / ours['wall_seconds']:.1f}x on process wall time)")
+        print()
+        for path in ("fp32", "auto"):
+            result = ours[path]
+            fast = all(result[key] * 15 <= seed[key] for key in ("recipe_seconds",
+                                                                   "wall_seconds"))
+            good = result["test_accuracy"] >= seed["test_accuracy"]
+            print(f"--precision {path}: default configuration "
+                  f"{'meets' if fast and good else 'MISSES'} the target: >= seed accuracy "
+                  f"({result['test_accuracy']:.4f} vs {seed['test_accuracy']:.4f}) in <= 1/15 "
+                  f"of its time ({seed['recipe_seconds'] / result['recipe_seconds']:.1f}x on "
+                  f"recipe time, {seed['wall_seconds'] / result['wall_seconds']:.1f}x on "
+                  f"process wall time)")
     return summary
+
 
 if __name__ == "__main__":
     main()

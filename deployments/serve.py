@@ -2,8 +2,8 @@
 
 Registers both with the Prefect server at ``PREFECT_API_URL`` and runs their scheduled and
 manually triggered runs as subprocesses of this process, until stopped (Ctrl-C; the schedules
-are then paused, since nothing would run them). ``make serve`` runs it against ``make ui``'s
-server::
+are then paused, since nothing would run them). ``make serve`` runs it against the user's own
+Prefect API (environment or active profile), else ``make ui``'s server::
 
     python -m deployments.serve [--timezone Europe/Berlin] [--cron '0 2 * * *']
                                 [--reaper-cron '30 * * * *']
@@ -54,7 +54,8 @@ def api_problem() -> str | None:
     with get_client(sync_client=True) as client:
         error = client.api_healthcheck()
     if error is not None:
-        return f"the Prefect API at {url} does not answer ({error}). Is `make ui` running?"
+        return (f"the Prefect API at {url} does not answer ({error}). Start that server "
+                f"(`make ui` for this project's own, on http://127.0.0.1:4200/api).")
     return None
 
 

@@ -63,12 +63,14 @@ def run(
                                                       "(https://, http://, file://)")] = None,
     data_md5: Annotated[str | None, typer.Option(help="its md5 (required for mirrors; "
                                                       "'none' skips the check)")] = None,
-    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~85%)")] = "tutorial",
+    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~87%)")] = "tutorial",
     epochs: Annotated[float | None, typer.Option(help="passes over the training set, "
                                                     "fractions allowed; default: the "
                                                     "model preset's")] = None,
     batch_size: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
     lr: Annotated[float | None, typer.Option(help="default: the model preset's")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 only where the hardware computes "
+                                                "it natively, else fp32), fp32 or bf16")] = "auto",
     instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,
     instance_count: Annotated[int, typer.Option(help="training hosts, data-parallel")] = 1,
     endpoint_instance_type: Annotated[str | None, typer.Option(help="hosting instance "
@@ -101,6 +103,12 @@ def run(
     except ValidationError as e:
         _fail("invalid options:\n" + "\n".join(
             f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), 2)
+    from flows.prefect_api import PrefectUnavailable, connect
+
+    try:
+        connect(on_status=lambda line: typer.echo(line, err=True))
+    except PrefectUnavailable as e:
+        _fail(str(e))
     from flows.pipeline import cifar10_pipeline
 
     state = cifar10_pipeline(config, return_state=True)
@@ -127,6 +135,7 @@ def _config(options: dict[str, Any]) -> PipelineConfig:
         data["md5"] = None if options["data_md5"].lower() == "none" else options["data_md5"]
     training = {"model": options["model"], "epochs": options["epochs"],
                 "batch_size": options["batch_size"], "learning_rate": options["lr"],
+                "precision": options["precision"],
                 "instance_count": options["instance_count"]}
     if options["instance_type"]:
         training["instance_type"] = options["instance_type"]

@@ -43,6 +43,9 @@ class TrainingSettings(_Section):
     learning_rate: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, lt=1)
     seed: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast only where the hardware computes bf16 "
+                            "natively (AVX-512 BF16, AMX, a bf16 GPU), fp32 elsewhere")
     instance_type: str = Field("ml.m5.xlarge", description="SageMaker training instance "
                                                            "(ignored by the local backend)")
     instance_count: int = Field(1, ge=1, le=16, description="hosts training data-parallel")
@@ -52,7 +55,7 @@ class TrainingSettings(_Section):
         """What the entry script receives as ``--key value`` arguments."""
         chosen = {"model": self.model, "epochs": whole_if_integral(self.epochs),
                   "batch-size": self.batch_size, "lr": self.learning_rate,
-                  "momentum": self.momentum, "seed": self.seed}
+                  "momentum": self.momentum, "seed": self.seed, "precision": self.precision}
         return {k: v for k, v in chosen.items() if v is not None}
 
 

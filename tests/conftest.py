@@ -96,13 +96,27 @@ def endpoint(request, local_backend, model_uri):
     local_backend.delete_endpoint(info.name)
 
 
+def _ancestors() -> set[int]:
+    """This process and the ones above it (make, a shell, `timeout`...): never leftovers,
+    even when their command line names the temporary directory (--basetemp)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
 def _processes_under(base: Path) -> list[tuple[int, str]]:
     """Live processes (not zombies) whose command line or working directory lies under
     ``base``: servers, training hosts or anything else a test started there."""
     found = []
+    ancestors = _ancestors()
     for proc in Path("/proc").glob("[0-9]*"):
         pid = int(proc.name)
-        if pid == os.getpid():
+        if pid in ancestors:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -65,7 +65,8 @@ def flow_runs_of(deployment_id, auto_scheduled: bool = False) -> list[dict[str, 
 
 # --- what serve.py registers (no server needed) ----------------------------------------------
 
-def test_pipeline_deployment_defaults():
+def test_pipeline_deployment_defaults(monkeypatch):
+    monkeypatch.delenv("CIFAR10_SCHEDULE_TZ", raising=False)  # the user's zone, if exported
     deployment = pipeline_deployment()
     assert deployment.name == PIPELINE_DEPLOYMENT == "nightly"
     assert deployment.flow_name == "cifar10-pipeline"

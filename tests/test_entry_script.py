@@ -4,7 +4,10 @@ environment and ``--key value`` hyperparameters."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +57,8 @@ def test_training_produces_a_hostable_model(trained, cifar_dir):
     handlers = import_handlers(model_dir / "code")
     model = handlers.model_fn(str(model_dir))
     assert not model.training
+    if not torch.cuda.is_available():
+        assert model.precision == "fp32"  # served by PyTorch's native CPU kernels, not oneDNN's
     import pickle
 
     with open(cifar_dir / "test_batch", "rb") as f:
@@ -102,6 +107,84 @@ def test_epochs_must_be_positive_and_finite(tmp_path, cifar_dir, epochs):
     assert "--epochs must be > 0" in result.stderr
 
 
+def native_bf16_as_torch_reports() -> bool:
+    """Whether this CPU computes bf16 natively, from torch's own reports (cpuinfo's instruction
+    flags and oneDNN's bf16 support), independently of the entry script's rule."""
+    if platform.system() == "Darwin":
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):  # cpuinfo's Arm BF16 flag
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(flags and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_auto_precision_is_what_this_machine_supports_natively(trained):
+    """The default (auto) run in CI: bf16 only where torch reports native bf16."""
+    root, result = trained
+    metrics = json.loads((root / "output/data/metrics.json").read_text())
+    expected = "bf16" if native_bf16_as_torch_reports() else "fp32"
+    assert metrics["precision"] == expected, metrics["precision_reason"]
+    plan = re.search(r"^precision=(\w+); \((.+)\)$", result.stdout, re.MULTILINE)
+    assert plan and plan.group(1) == expected and plan.group(2) == metrics["precision_reason"]
+    assert ("native bf16" in plan.group(2)) == (expected == "bf16")
+    assert plan.group(2).startswith("cpu: ")
+
+
+def test_fp32_path_trains_as_well(tmp_path, cifar_dir):
+    """The path every CPU without native bf16 takes, whatever this machine has."""
+    result, metrics = train_and_read_metrics(
+        tmp_path, cifar_dir, ["--epochs", "2", "--batch-size", "16", "--lr", "0.02",
+                              "--precision", "fp32"])
+    assert metrics["precision"] == "fp32"
+    assert "precision=fp32; (--precision fp32)" in result.stdout
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="ONEDNN_MAX_CPU_ISA names x86 instruction sets")
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_auto_takes_fp32_where_onednn_would_emulate_bf16(tmp_path, isa):
+    """ONEDNN_MAX_CPU_ISA caps oneDNN at an AVX2 laptop's or an ml.m5's instruction set: no
+    native bf16 there, so auto must pick fp32 (bf16 runs several times slower emulated)."""
+    probe = (f"import sys; sys.path.insert(0, {str(ENTRY_SCRIPT.parent)!r}); import torch; "
+             "from cifar10 import choose_precision; "
+             "print(*choose_precision('auto', torch.device('cpu')), sep='|')")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == f"fp32|cpu: no native bf16 (oneDNN limited to {isa} by ONEDNN_MAX_CPU_ISA)"
+
+
+def test_precision_rule_on_reported_capabilities(monkeypatch):
+    """The rule itself, on the capabilities torch could report (CPU flags, CUDA devices)."""
+    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
+    import cifar10
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(cifar10.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cifar10.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cifar10.choose_precision("auto", cpu)[0] == expected
+    # oneDNN without bf16 support at all (an AVX2 CPU): fp32 whatever the flags say.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert cifar10.choose_precision("auto", cpu)[0] == "fp32"
+    # Asked for explicitly, either precision is used as asked.
+    assert cifar10.choose_precision("bf16", cpu) == ("bf16", "--precision bf16")
+    assert cifar10.choose_precision("fp32", cpu) == ("fp32", "--precision fp32")
+    # CUDA: bf16 where the device has it natively (Ampere and later), fp32 on older GPUs.
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert cifar10.choose_precision("auto", gpu) == ("fp32", "cuda: Tesla T4 has no native bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert cifar10.choose_precision("auto", gpu)[0] == "bf16"
+
+
 def test_stronger_preset_trains(tmp_path, cifar_dir):
     _, metrics = train_and_read_metrics(
         tmp_path, cifar_dir, ["--model", "airbench", "--epochs", "2", "--batch-size", "128"])
@@ -109,6 +192,8 @@ def test_stronger_preset_trains(tmp_path, cifar_dir):
     handlers = import_handlers(tmp_path / "model" / "code")
     model = handlers.model_fn(str(tmp_path / "model"))
     assert model.flip_tta
+    # Serving follows the training rule on this machine (this network runs on oneDNN).
+    assert model.precision == ("bf16" if native_bf16_as_torch_reports() else "fp32")
     # The whitening stem is set from the data in +/- pairs and stays frozen during training.
     stem = model.body.stem.weight
     torch.testing.assert_close(stem[:12], -stem[12:])

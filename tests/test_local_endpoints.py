@@ -202,3 +202,20 @@ def test_model_archive_with_path_traversal_is_refused(local_backend, tmp_path):
     with pytest.raises(EndpointFailed, match="outside"):
         local_backend.deploy(EndpointSpec(name="evil", model_uri=archive.as_uri()))
     assert not (local_backend.root / "escaped").exists()
+
+
+def test_a_proxy_in_the_environment_does_not_intercept_loopback(local_backend, endpoint,
+                                                                cifar_dir, monkeypatch):
+    """Machines behind a corporate proxy set http_proxy; local endpoints listen on loopback
+    and must be reached directly, by the backend's own checks and by boto3 alike."""
+    from backends.local import LocalBackend
+
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")  # nothing listens there
+    backend = LocalBackend(root=local_backend.root)
+    assert ping(endpoint.url) == 200
+    images, _ = sample_images(cifar_dir, 8)
+    answer = backend.invoke(endpoint.name, npy(images), "application/x-npy")
+    assert answer.content_type == "application/json" and len(json.loads(answer.body)) == 8

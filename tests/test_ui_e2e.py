@@ -57,13 +57,20 @@ def prefect(server: Server, *args: str, cwd: Path | None = None,
     return result.returncode, " ".join((result.stdout + result.stderr).split())
 
 
+def make(target: str) -> list[str]:
+    """`make TARGET` from the project root, with this interpreter's environment in place of
+    .venv (which it does not try to build)."""
+    return ["make", "-C", str(REPO), "-o", ".venv/.installed", target,
+            f"BIN={Path(sys.executable).parent}"]
+
+
 @pytest.fixture(scope="module")
 def served(server) -> Iterator[dict[str, Any]]:
-    """`make serve`: both deployments registered and a runner polling for their runs."""
+    """`make serve` with PREFECT_API_URL naming this server (on a port other than `make ui`'s
+    4200): both deployments registered there and a runner polling for their runs."""
     timezone = zone_far_from_2am(dt.datetime.now(dt.UTC))
     log = server.logs / "serve.log"
-    with live.running([sys.executable, "-m", "deployments.serve"], log,
-                      env={**server.env, "CIFAR10_SCHEDULE_TZ": timezone},
+    with live.running(make("serve"), log, env={**server.env, "CIFAR10_SCHEDULE_TZ": timezone},
                       cwd=server.logs) as process:
         nightly = live.wait_until(
             lambda: server.api("GET", "/deployments/name/cifar10-pipeline/nightly"),
@@ -71,6 +78,16 @@ def served(server) -> Iterator[dict[str, Any]]:
         live.wait_until(lambda: "being served" in log.read_text(errors="replace"),
                         "serve starts polling", timeout=60, process=process, log=log)
         yield {"deployment": nightly, "timezone": timezone, "process": process, "log": log}
+
+
+def test_make_serve_registers_both_deployments_on_the_users_server(server, served):
+    assert server.api_url.rsplit(":", 1)[1] != "4200/api"
+    assert f"Prefect API: {server.api_url}" in served["log"].read_text(errors="replace")
+    reaper = server.api("GET", "/deployments/name/cifar10-endpoint-reaper/hourly")
+    assert reaper is not None and served["deployment"] is not None
+    assert {reaper["flow_id"], served["deployment"]["flow_id"]} == {
+        f["id"] for f in server.api("POST", "/flows/filter", {})
+        if f["name"] in ("cifar10-pipeline", "cifar10-endpoint-reaper")}
 
 
 def runs_of(server: Server, deployment_id: str, auto_scheduled: bool = False) -> list[dict]:
@@ -138,13 +155,14 @@ def test_the_scheduler_plans_the_nightly_runs(server, served, triggered_run):
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(server, served):
-    """The work-pool route of `make deploy`, against the same server."""
-    code, output = prefect(server, "work-pool", "create", "cifar10-local", "--type", "process")
-    assert code == 0, output
-    code, output = prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file",
-                           "deployments/prefect.yaml", cwd=REPO,
-                           env={"CIFAR10_SCHEDULE_TZ": served["timezone"]})
-    assert code == 0, output
+    """`make deploy` (the work-pool route) against the same server, named by PREFECT_API_URL."""
+    result = subprocess.run(make("deploy"), env={**server.env,
+                                                 "CIFAR10_SCHEDULE_TZ": served["timezone"]},
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"Prefect API: {server.api_url}" in output
+    assert server.api("GET", "/work_pools/cifar10-local")["type"] == "process"
     served_nightly = served["deployment"]
     worker_nightly = server.api("GET", "/deployments/name/cifar10-pipeline/nightly-worker")
     assert worker_nightly["work_pool_name"] == "cifar10-local"
