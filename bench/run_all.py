@@ -14,7 +14,8 @@ from common import machine, print_table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="skip the airbench trainings (bf16 where native and fp32: ~13 minutes here)")
+                        help="skip the airbench trainings (auto and fp32 precision: ~13 "
+                             "minutes here)")
     args = parser.parse_args()
     rows = []
     for title, run in (
