@@ -64,6 +64,17 @@ def managed_tags(owner: str, created: dt.datetime | None = None) -> dict[str, st
 
 
 @dataclass(frozen=True)
+class UploadReport:
+    """What mirroring a data directory to the store did."""
+
+    uri: str  # the training channel
+    uploaded: int
+    skipped: int  # unchanged since the last upload
+    removed: int  # no longer in the directory
+    bytes_uploaded: int
+
+
+@dataclass(frozen=True)
 class TrainingSpec:
     job_name: str
     data_uri: str  # the "training" channel
@@ -91,6 +102,9 @@ class EndpointSpec:
     instance_type: str = "local"
     instance_count: int = 1
     tags: dict[str, str] = field(default_factory=dict)
+    # The serving container's environment (CreateModel's PrimaryContainer.Environment), e.g.
+    # SAGEMAKER_PROGRAM to serve handlers from another module than code/inference.py.
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,7 +126,6 @@ class EndpointInfo:
 class Invocation:
     body: bytes
     content_type: str
-    variant: str  # x-Amzn-Invoked-Production-Variant
 
 
 class Backend(abc.ABC):
@@ -163,8 +176,5 @@ class Backend(abc.ABC):
         response = self.runtime_client(endpoint_name).invoke_endpoint(
             EndpointName=endpoint_name, Body=body, ContentType=content_type, Accept=accept
         )
-        return Invocation(
-            body=response["Body"].read(),
-            content_type=response.get("ContentType", ""),
-            variant=response.get("InvokedProductionVariant", ""),
-        )
+        return Invocation(body=response["Body"].read(),
+                          content_type=response.get("ContentType", ""))

@@ -1,13 +1,12 @@
-"""Where things are: the shipped model code and the local state directory."""
+"""Where things are: the model code shipped to SageMaker, and the local state directory."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# What SageMaker receives as source_dir, and the script in it that trains and serves.
+# What SageMaker receives as source_dir (its entry point: model_src.cifar.TRAINING_PROGRAM).
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "model_src"
-ENTRY_POINT = "cifar10.py"
 
 STATE_DIR_ENV = "CIFAR10_PIPELINE_HOME"
 

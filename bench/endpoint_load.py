@@ -29,7 +29,7 @@ from common import REPO, machine, print_table
 
 from backends.base import EndpointSpec, TrainingSpec, managed_tags
 from backends.local import LocalBackend
-from tests.synthetic import make_cifar_dir
+from tests.support.synthetic import make_cifar_dir
 
 # Inference code that does no work: deployed like any model, it measures the server alone.
 NULL_HANDLERS = """
@@ -152,7 +152,7 @@ def null_model(directory: Path) -> str:
 
     code = directory / "code"
     code.mkdir(parents=True)
-    (code / "cifar10.py").write_text(NULL_HANDLERS)
+    (code / "inference.py").write_text(NULL_HANDLERS)
     archive = directory / "model.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(code, arcname="code")

@@ -20,18 +20,18 @@ from pathlib import Path
 from common import machine, print_table
 
 from backends.base import EndpointSpec, TrainingSpec, managed_tags
-from flows.config import PipelineConfig, data_root, make_backend
+from flows.config import PipelineConfig, data_root, get_backend
 from flows.pipeline import cifar10_pipeline
 from flows.prefect_api import connect
 from tasks.data import download_data, preview_data
 from tasks.endpoint import delete_endpoint, deploy, smoke_predict
 from tasks.training import fit, upload_data
-from tests.synthetic import make_cifar_tarball
+from tests.support.synthetic import make_cifar_tarball
 
 
 def plain_pipeline(config: PipelineConfig, name: str) -> None:
     """The flow's stages as plain function calls (``task.fn``): no Prefect engine, no API."""
-    backend = make_backend(config)
+    backend = get_backend(config)
     tags = managed_tags(owner="bench")
     dataset = download_data.fn(config.data.url, config.data.md5, data_root())
     preview_data.fn(dataset, config.data.preview_images)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common import REPO, machine, print_table, real_cifar10
 
-ENTRY_SCRIPT = REPO / "model_src" / "cifar10.py"
+ENTRY_SCRIPT = REPO / "model_src" / "train.py"
 # Instruction-set caps that make this machine compute like one without native bf16.
 LIKE = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
@@ -49,7 +49,7 @@ CAPABILITY_PROBE = f"""
 import json, sys
 sys.path.insert(0, {str(ENTRY_SCRIPT.parent)!r})
 import torch
-from cifar10 import choose_precision
+from hardware import choose_precision
 cpu = torch.cpu
 precision, why = choose_precision("auto", torch.device("cpu"))
 print(json.dumps({{

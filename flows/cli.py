@@ -37,11 +37,12 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _backend(name: str, region: str | None = None) -> BackendClient:
     """The backend for an ``endpoints`` command; use it inside ``_backend_errors()``."""
-    from backends import get_backend
+    from flows.config import PipelineConfig, get_backend
 
     if name not in ("local", "aws"):
         _fail(f"unknown backend {name!r}; choose local or aws", 2)
-    return get_backend(name, region=region) if name == "aws" else get_backend(name)
+    return get_backend(PipelineConfig.model_validate({"backend": name,
+                                                      "aws": {"region": region}}))
 
 
 @contextmanager
@@ -120,9 +121,9 @@ def run(
         _fail(f"run ended {state.name}: {state.message}")
     summary = state.result()
     if as_json:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.write(summary.model_dump_json() + "\n")
     else:
-        _print_summary(summary)
+        typer.echo(summary.text())
 
 
 def _config(options: dict[str, Any]) -> PipelineConfig:
@@ -149,27 +150,6 @@ def _config(options: dict[str, Any]) -> PipelineConfig:
         "smoke_test": {"images": options["smoke_images"],
                        "accuracy_floor": options["accuracy_floor"]},
     })
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    metrics, smoke = summary["training"]["metrics"], summary["smoke_test"]
-    endpoint = summary["endpoint"]
-    lines = [
-        "",
-        f"run {summary['flow_run_id']} completed on {summary['backend']}",
-        f"  data            {summary['data']['uri']}",
-        f"  model           {summary['training']['model_uri']}",
-        f"  test accuracy   {metrics.get('test_accuracy', 0):.4f} "
-        f"({metrics.get('model')} network, {metrics.get('epochs')} epochs)",
-        f"  smoke test      {smoke['accuracy']:.3f} on {smoke['images']} images "
-        f"(floor {smoke['accuracy_floor']})",
-        f"  endpoint        {endpoint['name']} "
-        f"({'kept at ' + str(endpoint['url']) if endpoint['kept'] else 'deleted'})",
-        f"  billable        {summary['training']['billable_seconds']} training seconds, "
-        f"estimated ${summary['cost']['usd']:.4f}",
-        "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["stages"].items()),
-    ]
-    typer.echo("\n".join(lines))
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

@@ -7,21 +7,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends import get_backend
 from backends.base import Backend
 from backends.settings import state_dir
-from tasks.download import DEFAULT_MD5, DEFAULT_URL
-
-MODELS = ("tutorial", "airbench")
+from model_src.cifar import whole_if_integral
+from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt parameter is an error, not ignored
-
-
-def whole_if_integral(value: float | None) -> int | float | None:
-    """2.0 -> 2: the entry script gets ``--epochs 2``, as a person would write it."""
-    return int(value) if value is not None and value.is_integer() else value
 
 
 class DataSettings(_Section):
@@ -35,8 +28,8 @@ class DataSettings(_Section):
 
 class TrainingSettings(_Section):
     model: Literal["tutorial", "airbench"] = Field(
-        "tutorial", description="tutorial: the seed notebook's network (~56% in ~5 s on 2 "
-                                "CPUs); airbench: the stronger preset (~87% in ~6 min)")
+        "tutorial", description="tutorial: the seed notebook's network (~56% in seconds on 2 "
+                                "CPUs); airbench: the stronger network (~86% in minutes)")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training "
                                  "set, fractions allowed (1.5); unset: the preset's value")
     batch_size: int | None = Field(None, ge=1, le=8192, description="images per step per host")
@@ -103,10 +96,16 @@ class PipelineConfig(_Section):
         return self.training.instance_type, self.endpoint.instance_type
 
 
-def make_backend(config: PipelineConfig) -> Backend:
+def get_backend(config: PipelineConfig) -> Backend:
+    """The backend the config names, built with its settings (cheap and offline: an AWS
+    backend resolves credentials, region and role on first use)."""
     if config.backend == "aws":
-        return get_backend("aws", **config.aws.model_dump())
-    return get_backend("local")
+        from backends.aws import AwsBackend
+
+        return AwsBackend(**config.aws.model_dump())
+    from backends.local import LocalBackend
+
+    return LocalBackend()
 
 
 def data_root() -> str:

@@ -12,17 +12,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import Any
 
 from prefect import Flow, State, flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as current_flow_run
 
 from backends.base import Backend, EndpointSpec, TrainingSpec, managed_tags
-from flows.config import PipelineConfig, data_root, make_backend
+from flows.config import PipelineConfig, data_root, get_backend
 from tasks.data import download_data, preview_data
 from tasks.endpoint import delete_endpoint, deploy, smoke_predict
+from tasks.lib.summary import (
+    DataSummary,
+    EndpointSummary,
+    RunSummary,
+    TrainingSummary,
+    estimate_cost,
+)
 from tasks.reporting import logger
 from tasks.summary import publish_summary
 from tasks.training import fit, upload_data
@@ -51,7 +56,7 @@ def teardown_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
     if config.endpoint.keep:
         return
     name = resource_name(str(flow_run.id))
-    deleted = make_backend(config).delete_endpoint(name)
+    deleted = get_backend(config).delete_endpoint(name)
     logger().info("teardown hook (%s): endpoint %s %s", state.name, name,
                   "deleted" if deleted else "was already gone")
 
@@ -88,9 +93,9 @@ def stage(timings: dict[str, float], name: str) -> Iterator[None]:
 
 @flow(name="cifar10-pipeline", flow_run_name=_run_name, log_prints=True,
       on_cancellation=[teardown_endpoint], on_crashed=[teardown_endpoint])
-def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
+def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  # noqa: B008
     """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down."""
-    backend = make_backend(config)
+    backend = get_backend(config)
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = resource_name(run_id)
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
@@ -132,24 +137,20 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any
             with stage(timings, "delete_endpoint"):
                 delete_run_endpoint(backend, config, name, failure)
 
-    summary = {
-        "flow_run_id": run_id,
-        "backend": backend.name,
-        "stages": timings,
-        "data": {"url": dataset.url, "md5": dataset.md5, "reused": dataset.reused,
-                 "path": dataset.path, "uri": data_uri},
-        "training": {"job_name": training.job_name, "model_uri": training.model_uri,
-                     "billable_seconds": training.billable_seconds,
-                     "instance_type": training_instance,
-                     "instance_count": config.training.instance_count,
-                     "metrics": training.metrics},
-        "smoke_test": asdict(smoke),
-        "endpoint": {"name": name, "url": endpoint.url,
-                     "instance_type": hosting_instance,
-                     "instance_count": config.endpoint.instance_count,
-                     "kept": config.endpoint.keep,
-                     "uptime_seconds": None if config.endpoint.keep else round(
-                         timings["deploy"] + timings["smoke_predict"]
-                         + timings["delete_endpoint"], 1)},
-    }
-    return publish_summary(summary)
+    training_summary = TrainingSummary(
+        job_name=training.job_name, model_uri=training.model_uri,
+        billable_seconds=training.billable_seconds, instance_type=training_instance,
+        instance_count=config.training.instance_count, metrics=training.metrics)
+    endpoint_summary = EndpointSummary(
+        name=name, url=endpoint.url, instance_type=hosting_instance,
+        instance_count=config.endpoint.instance_count, kept=config.endpoint.keep,
+        uptime_seconds=None if config.endpoint.keep else round(
+            timings["deploy"] + timings["smoke_predict"] + timings["delete_endpoint"], 1))
+    summary = RunSummary(
+        flow_run_id=run_id, backend=backend.name, stages=timings,
+        data=DataSummary(url=dataset.url, md5=dataset.md5, reused=dataset.reused,
+                         path=dataset.path, uri=data_uri),
+        training=training_summary, smoke_test=smoke, endpoint=endpoint_summary,
+        cost=estimate_cost(backend.name, training_summary, endpoint_summary))
+    publish_summary(summary)
+    return summary

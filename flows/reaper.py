@@ -9,7 +9,7 @@ from prefect import flow
 from pydantic import Field
 
 from backends.reaper import reap_endpoints
-from flows.config import AwsSettings, PipelineConfig, make_backend
+from flows.config import AwsSettings, PipelineConfig, get_backend
 from tasks.reporting import logger
 
 
@@ -31,7 +31,7 @@ def reap_endpoints_flow(
         dry_run: only report what would be deleted
         aws: region, role and bucket for the aws backend
     """
-    target = make_backend(PipelineConfig(backend=backend, aws=aws))
+    target = get_backend(PipelineConfig(backend=backend, aws=aws))
     report = reap_endpoints(target, dt.timedelta(minutes=older_than_minutes), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     logger().info("%s %d endpoint(s) older than %d min: %s; kept %d", verb, len(report.deleted),

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from model_src.cifar10 import CLASSES, read_batch
-from tasks.download import Dataset, fetch_cifar10
-from tasks.plots import image_grid
+from model_src.cifar import CLASSES, read_batch
+from tasks.lib.download import Dataset, fetch_cifar10
+from tasks.lib.plots import image_grid
 from tasks.reporting import logger, markdown_image, publish_markdown
 from tasks.retries import retry_transient
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from backends.base import Backend, EndpointInfo, EndpointSpec
-from model_src.cifar10 import CLASSES, read_batch
-from tasks.download import Dataset
-from tasks.plots import image_grid
+from model_src.cifar import CLASSES, NPY, read_batch
+from tasks.lib.download import Dataset
+from tasks.lib.plots import image_grid
+from tasks.lib.summary import SmokeTestResult
 from tasks.reporting import logger, markdown_image, publish_markdown, publish_table
 from tasks.retries import retry_transient
 
-NPY = "application/x-npy"
 IMAGES_PER_REQUEST = 256  # 256 float32 images are 3 MiB, well inside the 6 MiB payload limit
 
 
@@ -29,16 +28,6 @@ class AccuracyBelowFloor(RuntimeError):
 
 class BadPrediction(RuntimeError):
     """The endpoint's answer is not what the model contract promises."""
-
-
-@dataclass(frozen=True)
-class SmokeResult:
-    images: int
-    accuracy: float
-    accuracy_floor: float
-    per_class: dict[str, float | None]  # class → accuracy on the sample (None: not sampled)
-    requests: int
-    seconds: float
 
 
 @task(name="deploy", task_run_name="deploy {spec.name}", cache_policy=NO_CACHE)
@@ -73,7 +62,7 @@ def invoke_batch(backend: Backend, endpoint_name: str, images: np.ndarray) -> np
 
 @task(name="smoke_predict", task_run_name="smoke-predict {endpoint_name}", cache_policy=NO_CACHE)
 def smoke_predict(backend: Backend, endpoint_name: str, dataset: Dataset, images: int = 64,
-                  accuracy_floor: float = 0.4) -> SmokeResult:
+                  accuracy_floor: float = 0.4) -> SmokeTestResult:
     """Sends the first ``images`` test images to the endpoint as float32 ``application/x-npy``
     (the SageMaker SDK's default wire format), checks the answer's shape, and fails when the
     accuracy on the sample is under ``accuracy_floor``."""
@@ -98,7 +87,7 @@ def smoke_predict(backend: Backend, endpoint_name: str, dataset: Dataset, images
         name: (float(correct[labels == k].mean()) if (labels == k).any() else None)
         for k, name in enumerate(CLASSES)
     }
-    result = SmokeResult(images=count, accuracy=accuracy, accuracy_floor=accuracy_floor,
+    result = SmokeTestResult(images=count, accuracy=accuracy, accuracy_floor=accuracy_floor,
                          per_class=per_class, requests=len(logits), seconds=seconds)
     _publish(result, pixels, labels, predicted, endpoint_name)
     log.info("smoke test of %s: %d/%d correct (accuracy %.3f, floor %.3f) in %d requests, "
@@ -110,7 +99,7 @@ def smoke_predict(backend: Backend, endpoint_name: str, dataset: Dataset, images
     return result
 
 
-def _publish(result: SmokeResult, pixels: np.ndarray, labels: np.ndarray,
+def _publish(result: SmokeTestResult, pixels: np.ndarray, labels: np.ndarray,
              predicted: np.ndarray, endpoint_name: str, shown: int = 32) -> None:
     shown = min(shown, len(pixels))
     captions = [f"{CLASSES[t]}→{CLASSES[p]}" if t != p else CLASSES[t]

@@ -8,7 +8,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from backends.base import ConfigurationError
-from tasks.download import BadArchive, ChecksumMismatch
+from tasks.lib.download import BadArchive, ChecksumMismatch
 
 PERMANENT = (ConfigurationError, ChecksumMismatch, BadArchive, FileNotFoundError,
              PermissionError, ValueError, TypeError)

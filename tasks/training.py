@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -10,16 +9,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from backends.base import Backend, TrainingResult, TrainingSpec
-from tasks.download import Dataset
+from model_src.cifar import metric_values
+from tasks.lib.download import Dataset
 from tasks.reporting import Progress, logger, publish_table
 from tasks.retries import retry_transient
-
-LOG_VALUE = re.compile(r"\b(\w+)=([^;\s]+);")  # the entry script's name=value; lines
-
-
-def log_values(line: str) -> dict[str, str]:
-    """The ``name=value;`` pairs of one training log line (empty for other lines)."""
-    return dict(LOG_VALUE.findall(line))
 
 
 class TrainingProgress:
@@ -31,7 +24,7 @@ class TrainingProgress:
 
     def read(self, line: str) -> tuple[float, str] | None:
         """(percent, description) when ``line`` moves training on, else None."""
-        values = log_values(line)
+        values = metric_values(line)
         if "total_steps" in values:
             self.total_steps = int(values["total_steps"])
         elif {"epoch", "steps", "train_loss"} <= values.keys() and self.total_steps:

@@ -4,20 +4,17 @@ no test leaves a local endpoint process behind."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.reporting import tables
+from tests.support.reporting import tables
 
 # The test servers are offline: Prefect's usage telemetry would only log errors (as `make` sets).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-from tests.synthetic import make_cifar_dir
-
-REPO = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPT = REPO / "model_src" / "cifar10.py"
+from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
+from tests.support.synthetic import make_cifar_dir
 
 
 @pytest.fixture(scope="session")
@@ -32,38 +29,6 @@ def state_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("state")
     os.environ["CIFAR10_PIPELINE_HOME"] = str(home)
     return home
-
-
-def sagemaker_env(root: Path, data_dir: Path, hosts: list[str] | None = None,
-                  host: str = "algo-1") -> dict[str, str]:
-    """The environment SageMaker gives a training container whose /opt/ml is ``root``."""
-    import json
-
-    hosts = hosts or ["algo-1"]
-    for sub in ("model", "output/data"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    return {
-        **os.environ,
-        "SM_MODEL_DIR": str(root / "model"),
-        "SM_CHANNEL_TRAINING": str(data_dir),
-        "SM_CHANNELS": '["training"]',
-        "SM_OUTPUT_DIR": str(root / "output"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output/data"),
-        "SM_HOSTS": json.dumps(hosts),
-        "SM_CURRENT_HOST": host,
-        "SM_NUM_GPUS": "0",
-        "SM_NUM_CPUS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def run_entry_script(args: list[str], env: dict[str, str], cwd: Path,
-                     timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ENTRY_SCRIPT), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-FAST_HYPERPARAMETERS = {"epochs": 2, "batch-size": 16, "lr": 0.02}
 
 
 @pytest.fixture(scope="session")
@@ -96,39 +61,6 @@ def endpoint(request, local_backend, model_uri):
     local_backend.delete_endpoint(info.name)
 
 
-def _ancestors() -> set[int]:
-    """This process and the ones above it (make, a shell, `timeout`...): never leftovers,
-    even when their command line names the temporary directory (--basetemp)."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    return pids
-
-
-def _processes_under(base: Path) -> list[tuple[int, str]]:
-    """Live processes (not zombies) whose command line or working directory lies under
-    ``base``: servers, training hosts or anything else a test started there."""
-    found = []
-    ancestors = _ancestors()
-    for proc in Path("/proc").glob("[0-9]*"):
-        pid = int(proc.name)
-        if pid in ancestors:
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(proc / "cwd")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and (str(base) in cmdline or cwd.startswith(str(base))):
-            found.append((pid, cmdline))
-    return found
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind(tmp_path_factory):
     """Fails the session if any test leaves a process (an endpoint server, a training host)
@@ -141,7 +73,7 @@ def no_process_left_behind(tmp_path_factory):
 
     base = tmp_path_factory.getbasetemp()
     deadline = time.monotonic() + 5
-    while (leftovers := _processes_under(base)) and time.monotonic() < deadline:
+    while (leftovers := processes_under(base)) and time.monotonic() < deadline:
         time.sleep(0.2)  # processes told to stop a moment ago may still be exiting
     for pid, _ in leftovers:
         os.kill(pid, signal.SIGKILL)
@@ -198,7 +130,7 @@ def http_server(http_root, http_log):
 @pytest.fixture(scope="session")
 def cifar_tarball(http_root) -> tuple[str, str]:
     """(file name, md5) of a generated cifar-10-python.tar.gz served by ``http_server``."""
-    from tests.synthetic import make_cifar_tarball
+    from tests.support.synthetic import make_cifar_tarball
 
     md5 = make_cifar_tarball(http_root / "cifar-10-python.tar.gz")
     return "cifar-10-python.tar.gz", md5
@@ -217,7 +149,7 @@ def prefect_harness():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """The figures suites reported (``tests.reporting.report_table``), after pytest's own
+    """The figures suites reported (``tests.support.reporting.report_table``), after pytest's own
     summary: the fault-injection suite's table of scenarios and leaked resources, and any
     other suite's."""
     for table in tables():

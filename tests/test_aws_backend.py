@@ -13,10 +13,9 @@ import pytest
 from botocore.exceptions import ClientError
 from botocore.stub import ANY, Stubber
 
-from backends import get_backend
 from backends.aws import AwsBackend
-from backends.aws_errors import translate
-from backends.aws_training import METRIC_DEFINITIONS
+from backends.aws.errors import translate
+from backends.aws.training import METRIC_DEFINITIONS
 from backends.base import (
     BackendError,
     ConfigurationError,
@@ -26,8 +25,9 @@ from backends.base import (
     TrainingSpec,
     managed_tags,
 )
-from flows.config import AwsSettings
-from tests.aws_fakes import (
+from backends.settings import SOURCE_DIR
+from flows.config import AwsSettings, PipelineConfig, get_backend
+from tests.support.aws_fakes import (
     ACCOUNT,
     BUCKET,
     INFERENCE_IMAGE,
@@ -36,9 +36,9 @@ from tests.aws_fakes import (
     TRAINING_IMAGE,
     isolate_aws_environment,
 )
-from tests.conftest import FAST_HYPERPARAMETERS
+from tests.support.pipeline import FAST_HYPERPARAMETERS
 
-pytest_plugins = ["tests.aws_fixtures"]
+pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
 
 JOB = "cifar10-0123456789ab"
@@ -85,11 +85,12 @@ def described_job(status: str = "Completed", **extra) -> dict:
 
 def test_building_the_backend_needs_no_aws(monkeypatch):
     isolate_aws_environment(monkeypatch)  # no region, no credentials, no role, no bucket
-    backend = get_backend("aws", **AwsSettings().model_dump())
+    backend = get_backend(PipelineConfig(backend="aws"))
     assert backend.name == "aws"
     assert backend.options.region is None and backend.options.role_arn is None
     assert backend.aws._session is None  # no boto3 session was even created
-    assert get_backend("aws", region=None).options.prefix == "cifar10-pipeline"
+    assert get_backend(PipelineConfig(backend="aws", aws=AwsSettings(region=None))
+                       ).options.prefix == "cifar10-pipeline"
 
 
 def test_settings_come_from_the_environment(monkeypatch):
@@ -108,10 +109,7 @@ def test_settings_come_from_the_environment(monkeypatch):
     with pytest.raises(ConfigurationError, match="only applies to managed spot"):
         AwsBackend(max_wait_minutes=30)
     # Spot is reachable from the flow's config.
-    from flows.config import PipelineConfig
-    from flows.config import make_backend as backend_for
-
-    spot = backend_for(PipelineConfig(backend="aws", aws={"use_spot": True,
+    spot = get_backend(PipelineConfig(backend="aws", aws={"use_spot": True,
                                                           "max_wait_minutes": 90}))
     assert spot.options.use_spot and spot.options.max_wait_seconds(3600) == 5400
 
@@ -291,7 +289,8 @@ def test_create_training_job_request(aws):
     # ModelTrainer uploaded the entry script (and its drivers) beside the job's output.
     keys = aws.keys(prefix=f"cifar10-pipeline/training-jobs/{JOB}/")
     code = [k.rsplit("/input/", 1)[1] for k in keys if "/input/code/" in k]
-    assert code == ["code/__init__.py", "code/cifar10.py"]  # no __pycache__
+    assert code == [f"code/{p.name}" for p in sorted(SOURCE_DIR.glob("*.py"))]  # no __pycache__
+    assert "code/train.py" in code and "code/inference.py" in code
     assert any(k.endswith("/input/sm_drivers/sm_train.sh") for k in keys)
 
 
@@ -362,7 +361,7 @@ def test_failed_job_raises_with_its_failure_reason(aws):
 
 
 def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
-    import backends.aws_training
+    import backends.aws.training
 
     backend = make_backend()
     in_progress = described_job("InProgress", ModelArtifacts={"S3ModelArtifacts": ""})
@@ -370,7 +369,7 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
     def interrupted(seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backends.aws_training, "sleep", interrupted)
+    monkeypatch.setattr(backends.aws.training, "sleep", interrupted)
     with Stubber(backend.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", in_progress)
         stubber.add_response("describe_training_job", in_progress)
@@ -382,8 +381,8 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
     # The wait is bounded; an ordinary error leaves the job for a retry to re-attach to.
     bounded = make_backend(training_wait_slack_seconds=60)
     clock = itertools.count(0, 10_000)  # every reading is 10000 s after the one before
-    monkeypatch.setattr(backends.aws_training, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(backends.aws_training, "sleep", lambda seconds: None)
+    monkeypatch.setattr(backends.aws.training, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(backends.aws.training, "sleep", lambda seconds: None)
     with Stubber(bounded.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", in_progress)  # exists: re-attach
         stubber.add_response("describe_training_job", in_progress)  # still InProgress
@@ -412,9 +411,7 @@ def test_create_model_endpoint_config_and_endpoint_requests(aws):
         stubber.add_response("create_model", {"ModelArn": ARN}, {
             "ModelName": JOB, "ExecutionRoleArn": ROLE_ARN, "Tags": tags,
             "PrimaryContainer": {"Image": INFERENCE_IMAGE, "ModelDataUrl": spec.model_uri,
-                                 "Environment": {
-                                     "SAGEMAKER_PROGRAM": "cifar10.py",
-                                     "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                                 "Environment": {  # the toolkit's default: code/inference.py
                                      "SAGEMAKER_REGION": REGION,
                                      "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"}}})
         stubber.add_response("create_endpoint_config", {"EndpointConfigArn": ARN}, {

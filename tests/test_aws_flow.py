@@ -14,11 +14,11 @@ import pytest
 from backends.aws import AwsBackend
 from flows.config import AwsSettings, PipelineConfig
 from flows.pipeline import cifar10_pipeline, resource_name
-from tasks.summary import PRICES_PER_HOUR
-from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount
-from tests.conftest import FAST_HYPERPARAMETERS
+from tasks.lib.summary import PRICES_PER_HOUR
+from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount
+from tests.support.pipeline import FAST_HYPERPARAMETERS
 
-pytest_plugins = ["tests.aws_fixtures"]
+pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
 
 NOTHING = {"endpoints": [], "endpoint_configs": [], "models": []}
@@ -95,15 +95,15 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
     print("\nSageMaker calls made by the run, in order:\n  " + "\n  ".join(
         calls_of(sagemaker_calls)))
 
-    assert summary["backend"] == "aws"
-    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+    assert summary.backend == "aws"
+    assert list(summary.stages) == ["download", "preview", "upload", "fit", "deploy",
                                        "smoke_predict", "delete_endpoint"]
     assert calls_of(sagemaker_calls) == EXPECTED_CALLS
     assert_allowed_by_caller_policy(sagemaker_calls)
 
     # upload: the dataset landed in S3 under the prefix.
     data_uri = f"s3://{BUCKET}/cifar10-pipeline/data/"
-    assert summary["data"]["uri"] == data_uri
+    assert summary.data.uri == data_uri
     assert aws.keys(prefix="cifar10-pipeline/data/") == sorted(
         f"cifar10-pipeline/data/{p.name}" for p in cifar_dir.iterdir())
 
@@ -111,7 +111,7 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
     job = aws.sm.describe_training_job(TrainingJobName=name)
     assert job["AlgorithmSpecification"]["TrainingImage"] == TRAINING_IMAGE
     assert job["HyperParameters"] == {"model": "tutorial", "epochs": "2", "batch-size": "16",
-                                      "lr": "0.02", "seed": "0"}
+                                      "lr": "0.02", "seed": "0", "precision": "auto"}
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
                 for c in job["InputDataConfig"]}
     assert channels["training"] == data_uri and set(channels) == {"training", "code",
@@ -122,28 +122,28 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
             ["Tags"]}
     assert tags["managed-by"] == "cifar10-pipeline"
     assert tags["owner"] == f"prefect-flow-run/{run_id}"
-    assert summary["training"]["job_name"] == name
-    assert summary["training"]["model_uri"] == job["ModelArtifacts"]["S3ModelArtifacts"]
-    assert summary["training"]["metrics"] == trained_model.metrics
+    assert summary.training.job_name == name
+    assert summary.training.model_uri == job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert summary.training.metrics == trained_model.metrics
 
     # deploy + smoke test: the endpoint was tagged, and really answered.
     endpoint_tags = sagemaker_calls.params("CreateEndpoint")[0]["Tags"]
     assert {"Key": "managed-by", "Value": "cifar10-pipeline"} in endpoint_tags
     assert {"Key": "owner", "Value": f"prefect-flow-run/{run_id}"} in endpoint_tags
     assert sagemaker_stand_in.served == [name]
-    assert summary["smoke_test"]["images"] == 100
-    assert summary["smoke_test"]["accuracy"] >= 0.5
+    assert summary.smoke_test.images == 100
+    assert summary.smoke_test.accuracy >= 0.5
 
     # teardown: nothing left in SageMaker, no model server running.
     assert aws.sagemaker_resources() == NOTHING
     assert sagemaker_stand_in.running() == []
-    assert summary["endpoint"]["kept"] is False
+    assert summary.endpoint.kept is False
 
     # cost: billable training seconds (moto reports none) and endpoint uptime, priced.
-    uptime = summary["endpoint"]["uptime_seconds"]
-    assert summary["training"]["billable_seconds"] == 0 and uptime > 0
-    assert summary["cost"]["usd"] == round(uptime / 3600 * PRICES_PER_HOUR["ml.m5.large"], 4)
-    assert "approximate" in summary["cost"]["note"]
+    uptime = summary.endpoint.uptime_seconds
+    assert summary.training.billable_seconds == 0 and uptime > 0
+    assert summary.cost.usd == round(uptime / 3600 * PRICES_PER_HOUR["ml.m5.large"], 4)
+    assert "approximate" in summary.cost.note
 
 
 def make_endpoint(aws: MotoAccount, name: str, tags: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from backends.base import TrainingJobFailed, TrainingSpec
-from tasks.download import (
+from tasks.lib.download import (
     BATCH_DIR,
     BadArchive,
     ChecksumMismatch,
@@ -25,9 +25,9 @@ from tasks.download import (
     fetch_cifar10,
     verified_copy,
 )
-from tests.conftest import FAST_HYPERPARAMETERS
-from tests.reporting import report_table
-from tests.synthetic import make_cifar_dir
+from tests.support.pipeline import FAST_HYPERPARAMETERS
+from tests.support.reporting import report_table
+from tests.support.synthetic import make_cifar_dir
 
 
 def snapshot(root: Path) -> dict[str, str]:

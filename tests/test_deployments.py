@@ -33,8 +33,7 @@ from deployments.definitions import (
     reaper_parameters,
 )
 from flows.config import PipelineConfig
-from tests.conftest import REPO
-from tests.test_flow import ARTIFACT_KEYS, artifacts_of, config_for
+from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 # A zone without daylight saving and with a half-hour offset: proves the schedule is read in

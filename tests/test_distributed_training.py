@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 
-from backends.processes import free_port
-from tests.conftest import ENTRY_SCRIPT, sagemaker_env
+from backends.local.processes import free_port
+from tests.support.pipeline import ENTRY_SCRIPT, sagemaker_env
 
 HOSTS = ["algo-1", "algo-2"]
 ARGS = ["--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--seed", "3"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import (
+from tasks.lib.download import (
     BATCH_DIR,
     ChecksumMismatch,
     DataError,

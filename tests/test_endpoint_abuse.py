@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.local_server import MAX_PAYLOAD_BYTES
-from tests.reporting import report_table
-from tests.synthetic import npy
+from backends.local.server import MAX_PAYLOAD_BYTES
+from tests.support.reporting import report_table
+from tests.support.synthetic import npy
 
 FUZZ_CASES = 400
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))

@@ -15,17 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ENTRY_SCRIPT, run_entry_script, sagemaker_env
+from tests.support.pipeline import (
+    ENTRY_SCRIPT,
+    MODEL_SRC,
+    import_handlers,
+    run_entry_script,
+    sagemaker_env,
+)
 
+sys.path.insert(0, str(MODEL_SRC))  # model_src's modules import each other flat
+import hardware
+import networks
+import train
 
-def import_handlers(code_dir: Path):
-    """Imports the inference code the way a serving container would: from model/code/."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shipped_cifar10", code_dir / "cifar10.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.remove(str(MODEL_SRC))
 
 
 def train_and_read_metrics(root: Path, data_dir: Path, args: list[str]):
@@ -147,7 +150,7 @@ def test_auto_takes_fp32_where_onednn_would_emulate_bf16(tmp_path, isa):
     """ONEDNN_MAX_CPU_ISA caps oneDNN at an AVX2 laptop's or an ml.m5's instruction set: no
     native bf16 there, so auto must pick fp32 (bf16 runs several times slower emulated)."""
     probe = (f"import sys; sys.path.insert(0, {str(ENTRY_SCRIPT.parent)!r}); import torch; "
-             "from cifar10 import choose_precision; "
+             "from hardware import choose_precision; "
              "print(*choose_precision('auto', torch.device('cpu')), sep='|')")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
@@ -157,32 +160,29 @@ def test_auto_takes_fp32_where_onednn_would_emulate_bf16(tmp_path, isa):
 
 def test_precision_rule_on_reported_capabilities(monkeypatch):
     """The rule itself, on the capabilities torch could report (CPU flags, CUDA devices)."""
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    import cifar10
-
     cpu = torch.device("cpu")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(cifar10.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cifar10.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Linux")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"),
                                        (False, True, "bf16")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert cifar10.choose_precision("auto", cpu)[0] == expected
+        assert hardware.choose_precision("auto", cpu)[0] == expected
     # oneDNN without bf16 support at all (an AVX2 CPU): fp32 whatever the flags say.
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert cifar10.choose_precision("auto", cpu)[0] == "fp32"
+    assert hardware.choose_precision("auto", cpu)[0] == "fp32"
     # Asked for explicitly, either precision is used as asked.
-    assert cifar10.choose_precision("bf16", cpu) == ("bf16", "--precision bf16")
-    assert cifar10.choose_precision("fp32", cpu) == ("fp32", "--precision fp32")
+    assert hardware.choose_precision("bf16", cpu) == ("bf16", "--precision bf16")
+    assert hardware.choose_precision("fp32", cpu) == ("fp32", "--precision fp32")
     # CUDA: bf16 where the device has it natively (Ampere and later), fp32 on older GPUs.
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert cifar10.choose_precision("auto", gpu) == ("fp32", "cuda: Tesla T4 has no native bf16")
+    assert hardware.choose_precision("auto", gpu) == ("fp32", "cuda: Tesla T4 has no native bf16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert cifar10.choose_precision("auto", gpu)[0] == "bf16"
+    assert hardware.choose_precision("auto", gpu)[0] == "bf16"
 
 
 def test_stronger_preset_trains(tmp_path, cifar_dir):
@@ -236,13 +236,8 @@ def test_batch_files_cannot_run_code(tmp_path):
     data.mkdir()
     for name in ("data_batch_1", "test_batch"):
         (data / name).write_bytes(pickle.dumps({b"data": Exploit(), b"labels": [0]}))
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    try:
-        import cifar10
-    finally:
-        sys.path.pop(0)
     with pytest.raises(ValueError, match="refusing to load"):
-        cifar10.load_cifar10(data)
+        train.load_cifar10(data)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -257,15 +252,10 @@ def test_help_runs_without_sagemaker_environment(tmp_path):
 
 def test_reads_any_well_formed_batch_directory(tmp_path):
     """Not only the official md5-identical files: the batch dir may sit one level down."""
-    from tests.synthetic import make_cifar_dir
+    from tests.support.synthetic import make_cifar_dir
 
     batch_dir = make_cifar_dir(tmp_path / "nested", train_batches=3, per_batch=20, test=10)
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    try:
-        import cifar10
-    finally:
-        sys.path.pop(0)
-    data = cifar10.load_cifar10(batch_dir.parent)
+    data = train.load_cifar10(batch_dir.parent)
     assert data["train_x"].shape == (60, 3, 32, 32) and data["train_x"].dtype == torch.uint8
     assert data["test_y"].shape == (10,) and data["test_y"].dtype == torch.int64
 
@@ -281,17 +271,12 @@ def _npy(array: np.ndarray) -> bytes:
 def test_hand_written_sgd_matches_torch_optim():
     """The entry script's SGD (written out to avoid torch.optim's import of torch._dynamo) makes
     exactly torch.optim.SGD's updates, weight decay on weights only."""
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    try:
-        import cifar10
-    finally:
-        sys.path.pop(0)
     for nesterov, decay in [(False, 0.0), (True, 5e-4)]:
         torch.manual_seed(0)
-        ours = cifar10.build_model("airbench", [0.5] * 3, [0.25] * 3)
-        theirs = cifar10.build_model("airbench", [0.5] * 3, [0.25] * 3)
+        ours = networks.build_model("airbench", [0.5] * 3, [0.25] * 3)
+        theirs = networks.build_model("airbench", [0.5] * 3, [0.25] * 3)
         theirs.load_state_dict(ours.state_dict())
-        mine = cifar10.SGD(list(ours.parameters()), 0.9, nesterov, decay)
+        mine = train.SGD(list(ours.parameters()), 0.9, nesterov, decay)
         params = list(theirs.parameters())
         reference = torch.optim.SGD(
             [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
@@ -313,13 +298,8 @@ def test_normalising_inside_the_input_conv_keeps_values_and_gradients(architectu
     """The Classifier normalises by rescaling its input convolution's weights (cheaper than
     normalising every pixel); the logits and every parameter's gradient must equal those of
     the network run on normalised pixels."""
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    try:
-        import cifar10
-    finally:
-        sys.path.pop(0)
     torch.manual_seed(0)
-    model = cifar10.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    model = networks.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
     model.body.requires_grad_(True)  # airbench's frozen stem too: its gradient is checked
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     results = []
@@ -337,13 +317,8 @@ def test_normalising_inside_the_input_conv_keeps_values_and_gradients(architectu
 def test_tutorial_channels_last_padding_keeps_values_and_gradients():
     """Training runs the tutorial network channels-last, where conv1 gets two zero filters
     (a faster max-pool); its outputs and gradients must equal the plain NCHW network's."""
-    sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-    try:
-        import cifar10
-    finally:
-        sys.path.pop(0)
     torch.manual_seed(0)
-    net = cifar10.TutorialNet()
+    net = networks.TutorialNet()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):

@@ -24,9 +24,9 @@ from backends.aws import AwsBackend
 from backends.base import Backend
 from backends.local import LocalBackend
 from backends.reaper import reap_endpoints
-from flows.config import PipelineConfig, make_backend
+from flows.config import PipelineConfig, get_backend
 from flows.pipeline import EndpointNotDeleted, cifar10_pipeline, resource_name
-from tests.faults import (
+from tests.support.faults import (
     NOT_APPLICABLE,
     aws_config,
     aws_leaks,
@@ -36,7 +36,7 @@ from tests.faults import (
     short,
 )
 
-pytest_plugins = ["tests.aws_fixtures"]
+pytest_plugins = ["tests.support.aws_fixtures"]
 
 
 @dataclass
@@ -171,7 +171,7 @@ def run_with_fault(fault: Fault, backend_cls: type[Backend], config: PipelineCon
     fault.inject(monkeypatch, backend_cls, injection)
     state = cifar10_pipeline(config, return_state=True)
     injection.active = False  # the backend works again: the reaper's turn
-    reaped = (reap_endpoints(make_backend(config), dt.timedelta(0)).deleted
+    reaped = (reap_endpoints(get_backend(config), dt.timedelta(0)).deleted
               if fault.reaper else [])
     return state, injection, reaped
 
@@ -234,9 +234,9 @@ def aws_call_fails(operation: str, code: str, message: str, times: int | None = 
     active. Hooked on the backend's boto3 sessions, below every layer of our code."""
 
     def inject(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
-        import backends.aws_session
+        import backends.aws.session
 
-        make = backends.aws_session.new_boto_session  # already wrapped by the stand-in
+        make = backends.aws.session.new_boto_session  # already wrapped by the stand-in
 
         def fail(**kwargs):
             if injection.active:
@@ -250,7 +250,7 @@ def aws_call_fails(operation: str, code: str, message: str, times: int | None = 
             session.events.register(f"before-call.sagemaker.{operation}", fail)
             return session
 
-        mp.setattr(backends.aws_session, "new_boto_session", session_with_fault)
+        mp.setattr(backends.aws.session, "new_boto_session", session_with_fault)
 
     return inject
 

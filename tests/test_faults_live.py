@@ -39,8 +39,8 @@ from backends.aws import AwsBackend
 from backends.local import LocalBackend
 from backends.reaper import reap_endpoints
 from flows.pipeline import resource_name
-from tests import live
-from tests.aws_fakes import (
+from tests.support import live
+from tests.support.aws_fakes import (
     BUCKET,
     REGION,
     ROLE_ARN,
@@ -48,7 +48,7 @@ from tests.aws_fakes import (
     SageMakerStandIn,
     fresh_account,
 )
-from tests.faults import (
+from tests.support.faults import (
     FAULT_INJECTION,
     alive,
     aws_config,
@@ -59,9 +59,9 @@ from tests.faults import (
     local_leaks,
     short,
 )
-from tests.test_flow import config_for
+from tests.support.pipeline import config_for
 
-pytest_plugins = ["tests.aws_fixtures"]
+pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.slow
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -301,8 +301,8 @@ def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run
 
 @dataclass
 class KilledAwsRun(KilledRun):
-    account: Any = None  # tests.aws_fakes.MotoAccount
-    stand_in: Any = None  # tests.aws_fakes.SageMakerStandIn, on the killed run's root
+    account: Any = None  # tests.support.aws_fakes.MotoAccount
+    stand_in: Any = None  # tests.support.aws_fakes.SageMakerStandIn, on the killed run's root
 
 
 @pytest.fixture(scope="module")

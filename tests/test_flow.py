@@ -4,41 +4,11 @@ under injected faults (every stage after deploy starts): test_faults.py."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from backends.local import LocalBackend
-from flows.config import PipelineConfig
 from flows.pipeline import cifar10_pipeline, resource_name
-from tests.conftest import FAST_HYPERPARAMETERS
-
-ARTIFACT_KEYS = {"cifar10-preview", "cifar10-training-metrics", "cifar10-training-progress",
-                 "cifar10-predictions", "cifar10-per-class-accuracy", "cifar10-run-summary"}
-
-
-def config_for(http_server: str, cifar_tarball: tuple[str, str], **overrides) -> PipelineConfig:
-    name, md5 = cifar_tarball
-    training = {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
-                "batch_size": FAST_HYPERPARAMETERS["batch-size"]}
-    return PipelineConfig.model_validate({
-        "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": training,
-        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
-        **overrides,
-    })
-
-
-def artifacts_of(flow_run_id) -> dict[str, object]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-
-    return {a.key: a for a in asyncio.run(read())}
+from tests.support.pipeline import ARTIFACT_KEYS, artifacts_of, config_for
 
 
 def assert_no_endpoint_left(run_id) -> None:
@@ -67,17 +37,17 @@ def test_flow_runs_every_stage_and_tears_down(first_run):
     state, requests = first_run
     assert state.is_completed(), state.message
     summary = state.result()
-    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+    assert list(summary.stages) == ["download", "preview", "upload", "fit", "deploy",
                                        "smoke_predict", "delete_endpoint"]
     assert requests == ["/cifar-10-python.tar.gz"]  # downloaded once, over HTTP
-    assert summary["data"]["reused"] is False
-    assert summary["training"]["metrics"]["test_accuracy"] > 0.5
-    assert summary["training"]["model_uri"].endswith("output/model.tar.gz")
-    assert summary["smoke_test"]["images"] == 100
-    assert summary["smoke_test"]["accuracy"] >= 0.5
-    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
-    assert summary["endpoint"]["kept"] is False
-    assert summary["cost"]["usd"] == 0.0
+    assert summary.data.reused is False
+    assert summary.training.metrics["test_accuracy"] > 0.5
+    assert summary.training.model_uri.endswith("output/model.tar.gz")
+    assert summary.smoke_test.images == 100
+    assert summary.smoke_test.accuracy >= 0.5
+    assert summary.endpoint.url.startswith("http://127.0.0.1:")
+    assert summary.endpoint.kept is False
+    assert summary.cost.usd == 0.0
     assert_no_endpoint_left(state.state_details.flow_run_id)
 
 
@@ -96,7 +66,7 @@ def test_second_run_reuses_the_cached_download(first_run, prefect_harness, http_
     before = len(http_log)
     state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["data"]["reused"] is True
+    assert state.result().data.reused is True
     assert http_log[before:] == []  # no request reached the server
 
 
@@ -119,8 +89,8 @@ def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tar
     summary = state.result()
     backend = LocalBackend()
     try:
-        assert summary["endpoint"]["kept"] is True
-        info = backend.describe_endpoint(summary["endpoint"]["name"])
+        assert summary.endpoint.kept is True
+        info = backend.describe_endpoint(summary.endpoint.name)
         assert info.status == "InService"
     finally:
-        backend.delete_endpoint(summary["endpoint"]["name"])
+        backend.delete_endpoint(summary.endpoint.name)

@@ -12,13 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ENTRY_SCRIPT
-from tests.synthetic import npy
+from tests.support.pipeline import MODEL_SRC
+from tests.support.synthetic import npy
 
-sys.path.insert(0, str(ENTRY_SCRIPT.parent))
-import cifar10
+sys.path.insert(0, str(MODEL_SRC))  # model_src's modules import each other flat
+import cifar
+import inference
+import networks
+import train
 
-sys.path.pop(0)
+sys.path.remove(str(MODEL_SRC))
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +29,24 @@ def model_dir(tmp_path_factory):
     """A freshly initialised tutorial model saved the way training saves it."""
     directory = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    model = cifar10.build_model("tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
-    cifar10.save_model(model, directory, "tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    model = networks.build_model("tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    train.save_model(model, directory, "tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     return directory
 
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return cifar10.model_fn(str(model_dir))
+    return inference.model_fn(str(model_dir))
 
 
 IMAGES = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
 
 
 def test_npy_round_trip(model):
-    batch = cifar10.input_fn(npy(IMAGES), "application/x-npy")
+    batch = inference.input_fn(npy(IMAGES), "application/x-npy")
     assert batch.dtype == torch.float32 and batch.shape == (4, 3, 32, 32)
-    logits = cifar10.predict_fn(batch, model)
-    body, content_type = cifar10.output_fn(logits, "application/x-npy")
+    logits = inference.predict_fn(batch, model)
+    body, content_type = inference.output_fn(logits, "application/x-npy")
     assert content_type == "application/x-npy"
     decoded = np.load(io.BytesIO(body), allow_pickle=False)
     assert decoded.shape == (4, 10) and decoded.dtype == np.float32
@@ -51,33 +54,33 @@ def test_npy_round_trip(model):
 
 
 def test_json_round_trip_matches_npy(model):
-    via_npy = cifar10.predict_fn(cifar10.input_fn(npy(IMAGES), "application/x-npy"), model)
+    via_npy = inference.predict_fn(inference.input_fn(npy(IMAGES), "application/x-npy"), model)
     # The SageMaker toolkit hands JSON bodies over as text.
-    batch = cifar10.input_fn(json.dumps(IMAGES.tolist()), "application/json; charset=utf-8")
-    logits = cifar10.predict_fn(batch, model)
-    body, content_type = cifar10.output_fn(logits, "application/json")
+    batch = inference.input_fn(json.dumps(IMAGES.tolist()), "application/json; charset=utf-8")
+    logits = inference.predict_fn(batch, model)
+    body, content_type = inference.output_fn(logits, "application/json")
     assert content_type == "application/json"
     np.testing.assert_allclose(np.array(json.loads(body)), via_npy, rtol=1e-5, atol=1e-5)
-    wrapped = cifar10.input_fn(json.dumps({"instances": IMAGES.tolist()}), "application/json")
+    wrapped = inference.input_fn(json.dumps({"instances": IMAGES.tolist()}), "application/json")
     assert torch.equal(wrapped, batch)
 
 
 def test_uint8_pixels_and_single_images(model):
     pixels = (IMAGES * 255).round().astype(np.uint8)
-    batch = cifar10.input_fn(npy(pixels), "application/x-npy")
+    batch = inference.input_fn(npy(pixels), "application/x-npy")
     np.testing.assert_allclose(batch.numpy(), pixels / 255, atol=1e-6)
-    single = cifar10.input_fn(npy(IMAGES[0]), "application/x-npy")
+    single = inference.input_fn(npy(IMAGES[0]), "application/x-npy")
     assert single.shape == (1, 3, 32, 32)
-    float64 = cifar10.input_fn(npy(IMAGES.astype(np.float64)), "application/x-npy")
+    float64 = inference.input_fn(npy(IMAGES.astype(np.float64)), "application/x-npy")
     assert float64.dtype == torch.float32
 
 
 def test_predict_is_eval_mode_without_grad(model):
     model.train()
-    logits = cifar10.predict_fn(torch.from_numpy(IMAGES), model)
+    logits = inference.predict_fn(torch.from_numpy(IMAGES), model)
     assert not model.training
     assert isinstance(logits, np.ndarray)
-    again = cifar10.predict_fn(torch.from_numpy(IMAGES), model)
+    again = inference.predict_fn(torch.from_numpy(IMAGES), model)
     np.testing.assert_array_equal(logits, again)
 
 
@@ -89,15 +92,15 @@ def test_served_predictions_match_the_seed_formulation(model_dir, model):
     images = torch.from_numpy(IMAGES)
     assert not model.channels_last  # tutorial serving uses PyTorch's native kernels
     assert not model.normalise  # model_fn folded the normalisation into conv1
-    served = cifar10.predict_fn(images, model)
+    served = inference.predict_fn(images, model)
     model.channels_last = True
     try:
-        channels_last = cifar10.predict_fn(images, model)
+        channels_last = inference.predict_fn(images, model)
     finally:
         model.channels_last = False
-    state = torch.load(model_dir / cifar10.WEIGHTS_FILE, weights_only=True)
+    state = torch.load(model_dir / cifar.WEIGHTS_FILE, weights_only=True)
     w = {name.removeprefix("body."): tensor for name, tensor in state.items()}
-    meta = json.loads((model_dir / cifar10.META_FILE).read_text())
+    meta = json.loads((model_dir / cifar.META_FILE).read_text())
     x = (images - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(
         meta["std"]).view(1, 3, 1, 1)
     x = F.max_pool2d(F.relu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"])), 2)
@@ -112,7 +115,7 @@ def test_served_predictions_match_the_seed_formulation(model_dir, model):
 @pytest.mark.parametrize("architecture", ["tutorial", "airbench"])
 def test_folding_the_normalisation_keeps_the_logits(architecture):
     torch.manual_seed(0)
-    model = cifar10.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    model = networks.build_model(architecture, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
     images = torch.from_numpy(IMAGES)
     with torch.no_grad():
         before = model(images)
@@ -123,7 +126,7 @@ def test_folding_the_normalisation_keeps_the_logits(architecture):
 
 
 def test_folding_refuses_a_padded_input_convolution():
-    model = cifar10.build_model("tutorial", [0.5] * 3, [0.25] * 3)
+    model = networks.build_model("tutorial", [0.5] * 3, [0.25] * 3)
     model.body.conv1.padding = (1, 1)
     with pytest.raises(ValueError, match="unpadded"):
         model.fold_normalisation()
@@ -136,13 +139,13 @@ def test_folding_refuses_a_padded_input_convolution():
     ("text/csv, application/json;q=0.9", "application/json"),
 ])
 def test_accept_negotiation(accept, expected):
-    _, content_type = cifar10.output_fn(np.zeros((1, 10), np.float32), accept)
+    _, content_type = inference.output_fn(np.zeros((1, 10), np.float32), accept)
     assert content_type == expected
 
 
 def test_unanswerable_accept_is_406():
-    with pytest.raises(cifar10.NotAcceptable) as err:
-        cifar10.output_fn(np.zeros((1, 10), np.float32), "text/csv")
+    with pytest.raises(inference.NotAcceptable) as err:
+        inference.output_fn(np.zeros((1, 10), np.float32), "text/csv")
     assert err.value.status_code == 406
 
 
@@ -165,8 +168,8 @@ def test_unanswerable_accept_is_406():
     (json.dumps([[1.0] * 10]).encode(), "application/json", "N x 3 x 32 x 32"),
 ])
 def test_bad_payloads_raise_clear_errors(body, content_type, message):
-    with pytest.raises(cifar10.InferenceError) as err:
-        cifar10.input_fn(body, content_type)
+    with pytest.raises(inference.InferenceError) as err:
+        inference.input_fn(body, content_type)
     assert message in str(err.value)
     assert err.value.status_code == (415 if "not supported" in message else 400)
 
@@ -177,8 +180,8 @@ def test_pickled_npy_payload_never_runs_code(tmp_path):
             return (open, (str(tmp_path / "pwned"), "w"))
 
     body = npy(np.array([Exploit()], dtype=object), allow_pickle=True)
-    with pytest.raises(cifar10.InvalidPayload):
-        cifar10.input_fn(body, "application/x-npy")
+    with pytest.raises(inference.InvalidPayload):
+        inference.input_fn(body, "application/x-npy")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -198,7 +201,7 @@ def test_model_fn_refuses_pickled_code_in_weights(tmp_path, model_dir):
     with open(tampered / "model.pth", "wb") as f:
         pickle.dump({"weights": Exploit()}, f)
     with pytest.raises(pickle.UnpicklingError):
-        cifar10.model_fn(str(tampered))
+        inference.model_fn(str(tampered))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -213,8 +216,8 @@ def test_fast_npy_header_parser_agrees_with_numpy(array):
     buffer = io.BytesIO(body)
     np.lib.format.read_magic(buffer)
     expected = np.lib.format.read_array_header_1_0(buffer)
-    assert cifar10._NPY_HEADER.match(body), "numpy's own header should take the fast path"
-    shape, fortran_order, dtype, offset = cifar10._npy_header(body)
+    assert inference._NPY_HEADER.match(body), "numpy's own header should take the fast path"
+    shape, fortran_order, dtype, offset = inference._npy_header(body)
     assert (shape, fortran_order, dtype) == expected and offset == buffer.tell()
 
 
@@ -225,5 +228,5 @@ def test_unusual_npy_headers_fall_back_to_numpys_parser():
     reordered = (b"{'shape': (1, 3, 32, 32), 'fortran_order': False, 'descr': '<f4', }"
                  .ljust(header_end - 10 - 1) + b"\n")
     body2 = body[:10] + reordered + body[header_end:]
-    assert not cifar10._NPY_HEADER.match(body2)
-    assert cifar10.input_fn(body2, "application/x-npy").shape == (1, 3, 32, 32)
+    assert not inference._NPY_HEADER.match(body2)
+    assert inference.input_fn(body2, "application/x-npy").shape == (1, 3, 32, 32)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from backends.base import EndpointExists, EndpointFailed, EndpointSpec
-from backends.local_server import MAX_PAYLOAD_BYTES
-from tests.synthetic import npy
+from backends.local.server import MAX_PAYLOAD_BYTES
+from tests.support.synthetic import npy
 
 
 def sample_images(cifar_dir, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,7 @@ def test_boto3_invoke_endpoint_returns_correct_predictions(local_backend, endpoi
     assert logits.shape == (len(images), 10)
     assert (logits.argmax(1) == labels).mean() > 0.5
     # The same logits as the model computes in this process from the same artifact.
-    from tests.test_entry_script import import_handlers
+    from tests.support.pipeline import import_handlers
 
     model_dir = local_backend.endpoints.records.endpoint_dir(endpoint.name) / "model"
     handlers = import_handlers(model_dir / "code")
@@ -165,7 +165,7 @@ def test_endpoint_outlives_its_deployer_and_is_deleted_from_another_process(
                          check=True, timeout=60).stdout.strip()
     assert out == "True"
     assert local_backend.describe_endpoint("survivor") is None
-    from backends import processes
+    from backends.local import processes
 
     assert processes.start_time(pid) is None, "server process still running"
     host, port = url.removeprefix("http://").split(":")
@@ -187,7 +187,7 @@ def test_broken_model_fails_deploy_with_the_servers_error(local_backend, tmp_pat
         tar.add(readme, arcname="README")
     with pytest.raises(EndpointFailed) as err:
         local_backend.deploy(EndpointSpec(name="broken", model_uri=archive.as_uri()))
-    assert "inference code cifar10.py not found" in str(err.value)
+    assert "inference code inference.py not found" in str(err.value)
     assert local_backend.describe_endpoint("broken") is None  # cleaned up
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.local_store import LocalStore, path_from_uri
+from backends.local.store import LocalStore, path_from_uri
 
 
 def test_upload_skips_unchanged_and_mirrors_changes(tmp_path):

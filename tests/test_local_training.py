@@ -13,7 +13,7 @@ import pytest
 
 from backends.base import TrainingJobFailed, TrainingSpec
 from backends.local import LocalBackend
-from backends.local_store import path_from_uri
+from backends.local.store import path_from_uri
 
 FAST = {"epochs": 2, "batch-size": 16, "lr": 0.02}
 
@@ -41,7 +41,8 @@ def test_job_completes_with_packaged_model(backend, completed):
     assert result.status == "Completed"
     with tarfile.open(path_from_uri(result.model_uri)) as tar:
         names = set(tar.getnames())
-    assert {"model.pth", "model_meta.json", "code/cifar10.py"} <= names
+    assert {"model.pth", "model_meta.json", "code/inference.py", "code/cifar.py",
+            "code/networks.py"} <= names
     assert result.model_uri.endswith("training-jobs/job-ok/output/model.tar.gz")
     assert result.metrics["test_accuracy"] > 0.5
     assert [h["epoch"] for h in result.metrics["history"]] == [1, 2]
@@ -59,7 +60,7 @@ def test_job_directory_has_the_sagemaker_layout(backend, completed):
     assert json.loads((config / "resourceconfig.json").read_text())["hosts"] == ["algo-1"]
     assert "training" in json.loads((config / "inputdataconfig.json").read_text())
     assert (host / "input" / "data" / "training" / "test_batch").is_file()
-    assert (host / "code" / "cifar10.py").is_file()
+    assert (host / "code" / "train.py").is_file()
     assert (host / "output" / "data" / "metrics.json").is_file()
 
 
@@ -100,7 +101,7 @@ def test_failed_job_reports_the_scripts_reason(backend, tmp_path):
 
 
 def test_job_over_its_max_runtime_is_stopped(backend, data_uri):
-    from backends import processes
+    from backends.local import processes
 
     spec = TrainingSpec(job_name="job-slow", data_uri=data_uri, max_runtime_seconds=4,
                         hyperparameters={"epochs": 10000, "batch-size": 16})

@@ -28,10 +28,9 @@ import pytest
 
 from deployments.definitions import pipeline_parameters
 from flows.pipeline import resource_name
-from tests import live
-from tests.browser import Browser, find_chromium
-from tests.conftest import REPO
-from tests.test_flow import ARTIFACT_KEYS, config_for
+from tests.support import live
+from tests.support.browser import Browser, find_chromium
+from tests.support.pipeline import ARTIFACT_KEYS, REPO, config_for
 
 pytestmark = pytest.mark.slow
 

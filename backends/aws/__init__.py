@@ -1,9 +1,9 @@
 """The AWS backend: Amazon SageMaker through the SageMaker Python SDK v3 and boto3.
 
-- upload: the data directory mirrored to ``s3://{bucket}/{prefix}/data/`` (``aws_s3``);
+- upload: the data directory mirrored to ``s3://{bucket}/{prefix}/data/`` (``s3``);
 - train: a SageMaker training job on the PyTorch training DLC, request built by the SDK's
-  ``ModelTrainer``, created and followed with boto3 (``aws_training``);
-- host: model, endpoint config and endpoint on the PyTorch inference DLC (``aws_hosting``);
+  ``ModelTrainer``, created and followed with boto3 (``training``);
+- host: model, endpoint config and endpoint on the PyTorch inference DLC (``hosting``);
 - invoke: boto3's ``sagemaker-runtime`` client, the same client code as the local backend.
 
 Building the backend is cheap and offline; region, credentials, role and bucket are resolved
@@ -18,12 +18,12 @@ from typing import Any
 
 import boto3
 
-from backends.aws_config import AwsOptions
-from backends.aws_errors import aws_errors
-from backends.aws_hosting import AwsEndpoints
-from backends.aws_s3 import mirror_directory
-from backends.aws_session import AwsSession
-from backends.aws_training import AwsTrainingJobs
+from backends.aws.config import AwsOptions
+from backends.aws.errors import aws_errors
+from backends.aws.hosting import AwsEndpoints
+from backends.aws.s3 import mirror_directory
+from backends.aws.session import AwsSession
+from backends.aws.training import AwsTrainingJobs
 from backends.base import (
     Backend,
     EndpointInfo,

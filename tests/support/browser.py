@@ -19,7 +19,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from tests import live
+from tests.support import live
 
 # Headless as root on a closed network: no sandbox (root), no GPU, and nothing that phones
 # home (those connections are refused here and would only slow the page down).

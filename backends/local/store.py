@@ -6,49 +6,14 @@ of sha256 hashes so re-uploading unchanged data copies nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from backends.base import UploadReport
+from backends.files import atomic_copy, atomic_write_text, sha256_file
+
 MANIFEST = ".manifest.json"
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_copy(src: Path, dest: Path) -> None:
-    """Copies ``src`` to ``dest`` so that readers see the old file or the whole new one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(dest: Path, text: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def path_from_uri(uri: str) -> Path:
@@ -56,15 +21,6 @@ def path_from_uri(uri: str) -> Path:
     if parsed.scheme != "file":
         raise ValueError(f"not a file:// URI: {uri}")
     return Path(unquote(parsed.path))
-
-
-@dataclass(frozen=True)
-class UploadReport:
-    uri: str
-    uploaded: int
-    skipped: int
-    removed: int
-    bytes_uploaded: int
 
 
 class LocalStore:

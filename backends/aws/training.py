@@ -28,12 +28,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from backends.aws_config import AwsOptions
-from backends.aws_errors import aws_errors, error_code, is_not_found, translate
-from backends.aws_images import pytorch_image
-from backends.aws_logs import LOG_GROUP, TrainingLogTail
-from backends.aws_s3 import read_tar_member, s3_uri
-from backends.aws_session import AwsSession
+from backends.aws.config import AwsOptions
+from backends.aws.errors import aws_errors, error_code, is_not_found, translate
+from backends.aws.images import pytorch_image
+from backends.aws.logs import LOG_GROUP, TrainingLogTail
+from backends.aws.s3 import read_tar_member, s3_uri
+from backends.aws.session import AwsSession
 from backends.base import (
     TRAINING_CHANNEL,
     BackendError,
@@ -43,16 +43,15 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
-from backends.settings import ENTRY_POINT, SOURCE_DIR
+from backends.settings import SOURCE_DIR
+from model_src.cifar import METRICS_FILE, SOURCE_IGNORE, TRAINING_PROGRAM, metric_regex
 
 TERMINAL = {"Completed", "Failed", "Stopped"}
-# What the entry script prints through log_metrics() as "name=value;" (model_src/cifar10.py).
+# What the entry script logs as "name=value;" lines (model_src/cifar.py's metric_line).
 METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "epoch_seconds", "test_loss",
                 "test_accuracy", "train_seconds")
-METRIC_DEFINITIONS = [{"Name": name, "Regex": f"{name}=([0-9.]+);"} for name in METRIC_NAMES]
-METRICS_FILE = "metrics.json"  # written to SM_OUTPUT_DATA_DIR, lands in output.tar.gz
+METRIC_DEFINITIONS = [{"Name": name, "Regex": metric_regex(name)} for name in METRIC_NAMES]
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
-SOURCE_IGNORE = ["__pycache__", "*.pyc", ".*"]
 
 
 @contextmanager
@@ -127,8 +126,9 @@ class AwsTrainingJobs:
                     # keep it beside the job's output, under the pipeline's prefix.
                     base_job_name="source",
                     input_s3_key_prefix=job_root,
-                    source_code=SourceCode(source_dir=str(SOURCE_DIR), entry_script=ENTRY_POINT,
-                                           ignore_patterns=SOURCE_IGNORE),
+                    source_code=SourceCode(source_dir=str(SOURCE_DIR),
+                                           entry_script=TRAINING_PROGRAM,
+                                           ignore_patterns=list(SOURCE_IGNORE)),
                     compute=Compute(instance_type=spec.instance_type,
                                     instance_count=spec.instance_count,
                                     enable_managed_spot_training=self.options.use_spot or None),

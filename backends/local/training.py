@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends import processes
 from backends.base import (
     TRAINING_CHANNEL,
     BackendError,
@@ -41,10 +40,12 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
-from backends.local_store import LocalStore, atomic_write_text, path_from_uri
+from backends.files import atomic_write_text
+from backends.local import processes
+from backends.local.store import LocalStore, path_from_uri
+from model_src.cifar import METRICS_FILE, SOURCE_IGNORE
 
 FAILURE_REASON_LIMIT = 1024  # SageMaker truncates FailureReason to 1024 characters
-IGNORED_SOURCE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
 
 @dataclass
@@ -133,7 +134,7 @@ class LocalTrainingJobs:
         if record.status != "Completed" or record.model_uri is None:
             raise TrainingJobFailed(record.name, record.status,
                                     record.failure_reason or "no model was produced")
-        metrics_file = self.job_dir(record.name) / "algo-1" / "output" / "data" / "metrics.json"
+        metrics_file = self.job_dir(record.name) / "algo-1" / "output" / "data" / METRICS_FILE
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         return TrainingResult(
             job_name=record.name, status=record.status, model_uri=record.model_uri,
@@ -272,7 +273,8 @@ class LocalTrainingJobs:
         # File mode: SageMaker copies the channel onto each instance before the script starts.
         shutil.copytree(data_dir, root / "input" / "data" / TRAINING_CHANNEL,
                         ignore=shutil.ignore_patterns(".manifest.json"))
-        shutil.copytree(self.source_dir, root / "code", ignore=IGNORED_SOURCE)
+        shutil.copytree(self.source_dir, root / "code",
+                        ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
         for sub in ("model", "output/data", "checkpoints"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 

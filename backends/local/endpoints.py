@@ -24,7 +24,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from backends import processes
 from backends.base import (
     BackendError,
     EndpointExists,
@@ -33,7 +32,9 @@ from backends.base import (
     EndpointSpec,
     LogCallback,
 )
-from backends.local_store import atomic_write_text, path_from_uri
+from backends.files import atomic_write_text
+from backends.local import processes
+from backends.local.store import path_from_uri
 
 # One math thread per request, requests in parallel: small batches spend more time waking
 # OpenMP threads than computing, and spinning threads starve a busy machine (the usual
@@ -99,11 +100,10 @@ class EndpointRecords:
 
 
 class LocalEndpoints:
-    def __init__(self, root: Path, python: str = sys.executable, entry_point: str = "cifar10.py",
+    def __init__(self, root: Path, python: str = sys.executable,
                  deploy_timeout_seconds: float = 120.0) -> None:
         self.records = EndpointRecords(root)
         self.python = python
-        self.entry_point = entry_point
         self.deploy_timeout_seconds = deploy_timeout_seconds
 
     def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
@@ -114,7 +114,7 @@ class LocalEndpoints:
         created = dt.datetime.now(dt.UTC)
         self.records.create({
             "name": spec.name, "status": "Creating", "model_uri": spec.model_uri,
-            "model_path": str(model_path), "program": self.entry_point,
+            "model_path": str(model_path), "environment": dict(spec.environment),
             "instance_type": spec.instance_type, "instance_count": spec.instance_count,
             "tags": dict(spec.tags), "created": created.isoformat(), "pid": None,
             "pid_start": None, "host": None, "port": None, "failure_reason": None,
@@ -122,10 +122,10 @@ class LocalEndpoints:
         directory = self.records.endpoint_dir(spec.name)
         with open(directory / "server.log", "ab") as log:
             proc = subprocess.Popen(
-                [self.python, "-m", "backends.local_server", "--name", spec.name,
+                [self.python, "-m", "backends.local.server", "--name", spec.name,
                  "--root", str(self.records.root)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2], start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_THREADS},
             )
         # Reap the server when it exits while we are alive, so it never lingers as a zombie.

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from backends.local_store import path_from_uri
-from tests.aws_fakes import (
+from backends.local.store import path_from_uri
+from tests.support.aws_fakes import (
     LOOPBACK,
     REGION,
     CallRecorder,
@@ -72,16 +72,16 @@ def aws(moto_server) -> MotoAccount:
 
 def attach_to_new_sessions(monkeypatch, attach: Callable[[Any], None]) -> None:
     """Calls ``attach`` on every boto3 session the backend makes from now on."""
-    import backends.aws_session
+    import backends.aws.session
 
-    make = backends.aws_session.new_boto_session
+    make = backends.aws.session.new_boto_session
 
     def session_with_hook(region):
         session = make(region)
         attach(session)
         return session
 
-    monkeypatch.setattr(backends.aws_session, "new_boto_session", session_with_hook)
+    monkeypatch.setattr(backends.aws.session, "new_boto_session", session_with_hook)
 
 
 @pytest.fixture

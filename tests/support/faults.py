@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import PipelineConfig
-from tests.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount, SageMakerStandIn
-from tests.conftest import FAST_HYPERPARAMETERS, _processes_under
-from tests.reporting import ReportTable, Row, report_table
+from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount, SageMakerStandIn
+from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
+from tests.support.reporting import ReportTable, Row, report_table
 
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"  # its sitecustomize.py
 LEAK_COLUMNS = ["endpoints", "configs", "models", "processes"]
@@ -52,7 +52,7 @@ def local_leaks(root: Path) -> dict[str, Any]:
         "endpoints": len([p for p in endpoints.iterdir() if p.is_dir()])
         if endpoints.is_dir() else 0,
         "configs": NOT_APPLICABLE, "models": NOT_APPLICABLE,
-        "processes": len(_processes_under(root)),
+        "processes": len(processes_under(root)),
     }
 
 
@@ -110,4 +110,4 @@ def aws_leaks(aws: MotoAccount, stand_in: SageMakerStandIn) -> dict[str, int]:
     """What moto still holds, and the stand-in's model servers still running."""
     left = aws.sagemaker_resources()
     return {"endpoints": len(left["endpoints"]), "configs": len(left["endpoint_configs"]),
-            "models": len(left["models"]), "processes": len(_processes_under(stand_in.root))}
+            "models": len(left["models"]), "processes": len(processes_under(stand_in.root))}

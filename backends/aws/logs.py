@@ -7,7 +7,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from backends.aws_errors import error_code, translate
+from backends.aws.errors import error_code, translate
 from backends.base import LogCallback
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"

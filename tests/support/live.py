@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.processes import die_with_parent_preexec, free_port, start_time, terminate_group
+from backends.local.processes import die_with_parent_preexec, free_port, start_time, terminate_group
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10
     raise AssertionError("unreachable")
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

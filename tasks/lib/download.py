@@ -11,41 +11,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import urlparse
+
+from backends.files import (
+    CHUNK,
+    BadArchive,
+    DataError,
+    UnsafeArchive,
+    safe_extract,
+    sha256_file,
+)
+from model_src.cifar import BATCH_DIR, find_batch_dir
 
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_MD5 = "c58f30108f718f92721af3b95e74349a"
-BATCH_DIR = "cifar-10-batches-py"
 MARKER = ".cifar10-source.json"  # what the data directory was verified from
-MAX_EXTRACTED_BYTES = 2 * 1024**3  # CIFAR-10 is 178 MB; anything far larger is hostile
-CHUNK = 1 << 20
 
-Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
+ProgressCallback = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
-
-class DataError(RuntimeError):
-    """The dataset could not be fetched; the message says why and what was left untouched."""
+__all__ = ["BadArchive", "ChecksumMismatch", "DataError", "Dataset", "UnsafeArchive",
+           "fetch_cifar10"]
 
 
 class ChecksumMismatch(DataError):
     pass
-
-
-class BadArchive(DataError):
-    """The archive is unreadable or holds no CIFAR-10 batches: fetching it again won't help."""
-
-
-class UnsafeArchive(BadArchive):
-    """The archive tries to write outside its directory, or holds links or devices."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +53,6 @@ class Dataset:
     bytes_downloaded: int
     seconds: float
     files: dict[str, str]  # name → sha256
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verified_copy(data_root: Path, url: str, md5: str | None) -> Dataset | None:
@@ -80,7 +68,7 @@ def verified_copy(data_root: Path, url: str, md5: str | None) -> Dataset | None:
     files = marker.get("files") or {}
     for name, digest in files.items():
         path = batch_dir / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             return None
     if not files:
         return None
@@ -88,7 +76,7 @@ def verified_copy(data_root: Path, url: str, md5: str | None) -> Dataset | None:
                    bytes_downloaded=0, seconds=0.0, files=files)
 
 
-def download(url: str, dest: Path, progress: Progress | None = None,
+def download(url: str, dest: Path, progress: ProgressCallback | None = None,
              timeout: float = 60.0) -> tuple[str, int]:
     """Streams ``url`` (http, https or file) into ``dest``; returns (md5, bytes)."""
     scheme = urlparse(url).scheme
@@ -114,44 +102,16 @@ def download(url: str, dest: Path, progress: Progress | None = None,
     return digest.hexdigest(), size
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extracts a tar archive, refusing links, devices, absolute paths, paths that climb out of
-    ``dest``, and archives that expand past MAX_EXTRACTED_BYTES."""
+def _batch_dir_in(extracted: Path) -> Path:
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            total = 0
-            for member in members:
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise UnsafeArchive(f"archive member {member.name!r} points outside the "
-                                        f"extraction directory")
-                if member.issym() or member.islnk():
-                    raise UnsafeArchive(f"archive member {member.name!r} is a link")
-                if not (member.isfile() or member.isdir()):
-                    raise UnsafeArchive(f"archive member {member.name!r} is a device or "
-                                        f"special file")
-                total += member.size
-                if total > MAX_EXTRACTED_BYTES:
-                    raise UnsafeArchive(f"archive expands past {MAX_EXTRACTED_BYTES} bytes")
-            # The "data" filter re-checks all of the above inside tarfile itself.
-            tar.extractall(dest, members=members, filter="data")
-    except UnsafeArchive:
-        raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise BadArchive(f"{archive.name} is not a readable tar archive "
-                        f"(truncated or corrupt?): {e}") from e
-
-
-def _find_batch_dir(root: Path) -> Path:
-    for candidate in [root / BATCH_DIR, root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        if (candidate / "test_batch").is_file() and any(candidate.glob("data_batch_*")):
-            return candidate
-    raise BadArchive("the archive holds no CIFAR-10 batches (data_batch_* and test_batch)")
+        return find_batch_dir(extracted)
+    except FileNotFoundError:
+        raise BadArchive("the archive holds no CIFAR-10 batches (data_batch_* and test_batch)") \
+            from None
 
 
 def fetch_cifar10(data_root: Path, url: str = DEFAULT_URL, md5: str | None = DEFAULT_MD5,
-                  progress: Progress | None = None, timeout: float = 60.0) -> Dataset:
+                  progress: ProgressCallback | None = None, timeout: float = 60.0) -> Dataset:
     """Makes ``data_root/cifar-10-batches-py`` a verified copy of the archive at ``url``.
 
     ``md5`` is the archive's expected checksum (override it for mirrors; None skips the
@@ -175,8 +135,8 @@ def fetch_cifar10(data_root: Path, url: str = DEFAULT_URL, md5: str | None = DEF
             )
         extracted = work / "extracted"
         safe_extract(archive, extracted)
-        batch_dir = _find_batch_dir(extracted)
-        files = {p.name: _sha256(p) for p in sorted(batch_dir.iterdir()) if p.is_file()}
+        batch_dir = _batch_dir_in(extracted)
+        files = {p.name: sha256_file(p) for p in sorted(batch_dir.iterdir()) if p.is_file()}
         dataset = Dataset(path=str(data_root / BATCH_DIR), url=url, md5=actual_md5,
                           reused=False, bytes_downloaded=size,
                           seconds=time.perf_counter() - started, files=files)

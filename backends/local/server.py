@@ -9,7 +9,7 @@ Routes:
   boto3's ``sagemaker-runtime`` client works with ``endpoint_url`` pointed here. As on AWS,
   container errors reach clients as ``ModelError`` (424) carrying ``OriginalStatusCode``.
 
-Run as ``python -m backends.local_server --name NAME --endpoint-dir DIR`` by ``LocalEndpoints``:
+Run as ``python -m backends.local.server --name NAME --root DIR`` by ``LocalEndpoints``:
 it extracts ``model.tar.gz``, imports the handlers from ``code/``, binds a free port, then
 records the port in the endpoint's record.
 """
@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import socket
 import sys
-import tarfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +36,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backends.base import VARIANT
+from backends.files import safe_extract
+from model_src.cifar import CODE_DIR, INFERENCE_PROGRAM
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints accept at most 6 MiB
 DRAIN_LIMIT = 4 * MAX_PAYLOAD_BYTES  # read (and drop) oversized bodies up to this size
@@ -52,8 +54,25 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+# Models trained before model_src/ was split carry their handlers in the one script that also
+# trained them (deployed on AWS with SAGEMAKER_PROGRAM=cifar10.py).
+LEGACY_PROGRAM = "cifar10.py"
+
+
+def handler_program(code_dir: Path, environment: dict[str, str]) -> str:
+    """The module SageMaker's inference toolkit would import from ``code/``: the container
+    environment's SAGEMAKER_PROGRAM, else inference.py (its default); an artifact from before
+    the split carries only its one script."""
+    if environment.get("SAGEMAKER_PROGRAM"):
+        return environment["SAGEMAKER_PROGRAM"]
+    if not (code_dir / INFERENCE_PROGRAM).is_file() and (code_dir / LEGACY_PROGRAM).is_file():
+        return LEGACY_PROGRAM
+    return INFERENCE_PROGRAM
+
+
 def load_handlers(code_dir: Path, program: str) -> ModuleType:
-    """Imports the entry script from ``code/`` the way SageMaker's serving toolkit does."""
+    """Imports the handlers from ``code/`` the way SageMaker's inference toolkit does: the
+    directory on the path, the program as a module of its own."""
     path = code_dir / program
     if not path.is_file():
         raise FileNotFoundError(f"inference code {program} not found in {code_dir}")
@@ -173,21 +192,16 @@ def _aws_error(status: int, code: str, message: str,
                         headers={"x-amzn-ErrorType": code})
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extracts a model.tar.gz refusing links, devices and paths outside ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(dest, filter="data")
-
-
-def serve(name: str, endpoint_dir: Path, model_path: Path, program: str, host: str,
-          on_ready: Callable[[int], None]) -> None:
+def serve(name: str, endpoint_dir: Path, model_path: Path, environment: dict[str, str],
+          host: str, on_ready: Callable[[int], None]) -> None:
     """Loads the model, binds a port, reports it through ``on_ready``, serves until SIGTERM."""
     import uvicorn
 
     model_dir = endpoint_dir / "model"
     safe_extract(model_path, model_dir)
-    handlers = load_handlers(model_dir / "code", program)
+    code_dir = model_dir / CODE_DIR
+    os.environ.update(environment)  # the container's environment, as SageMaker sets it
+    handlers = load_handlers(code_dir, handler_program(code_dir, environment))
     model = handlers.model_fn(str(model_dir))
     app = create_app(handlers, model, name)
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets that say so, and
@@ -201,7 +215,7 @@ def serve(name: str, endpoint_dir: Path, model_path: Path, program: str, host: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backends.local_endpoints import EndpointRecords  # the record format lives there
+    from backends.local.endpoints import EndpointRecords  # the record format lives there
 
     parser = argparse.ArgumentParser(description="Serve one local SageMaker-style endpoint.")
     parser.add_argument("--name", required=True)
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(
             args.name, records.endpoint_dir(args.name), Path(record["model_path"]),
-            record["program"], args.host,
+            record.get("environment") or {}, args.host,
             on_ready=lambda port: records.mark_in_service(args.name, args.host, port),
         )
     except Exception as e:

@@ -22,10 +22,11 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
-from backends.local_endpoints import LocalEndpoints
-from backends.local_store import LocalStore
-from backends.local_training import LocalTrainingJobs
-from backends.settings import ENTRY_POINT, SOURCE_DIR, state_dir
+from backends.local.endpoints import LocalEndpoints
+from backends.local.store import LocalStore
+from backends.local.training import LocalTrainingJobs
+from backends.settings import SOURCE_DIR, state_dir
+from model_src.cifar import TRAINING_PROGRAM
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
@@ -48,10 +49,9 @@ class LocalBackend(Backend):
         bypass_proxies_for_loopback()
         self.root = Path(root) if root else state_dir()
         self.store = LocalStore(self.root / "store")
-        self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR, ENTRY_POINT,
-                                      python=python)
+        self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR,
+                                      TRAINING_PROGRAM, python=python)
         self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
-                                        entry_point=ENTRY_POINT,
                                         deploy_timeout_seconds=deploy_timeout_seconds)
 
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:

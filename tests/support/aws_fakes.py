@@ -41,9 +41,9 @@ from typing import Any
 import boto3
 import pytest
 
-from backends.aws_s3 import parse_s3_uri
+from backends.aws.s3 import parse_s3_uri
 from backends.base import EndpointSpec
-from backends.local_endpoints import LocalEndpoints
+from backends.local.endpoints import LocalEndpoints
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account
@@ -208,8 +208,8 @@ class SageMakerStandIn:
         self.trained.append(name)
 
     def start_endpoint(self, params: dict[str, Any]) -> None:
-        """The local model server on the artifact the model points at, with the program its
-        environment names, reached through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME."""
+        """The local model server on the artifact the model points at, with the model's
+        container environment, reached through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME."""
         name = params["EndpointName"]
         sm = self.account.sm
         config = sm.describe_endpoint_config(EndpointConfigName=params["EndpointConfigName"])
@@ -219,8 +219,8 @@ class SageMakerStandIn:
         artifact = self.root / "artifacts" / name / "model.tar.gz"
         artifact.parent.mkdir(parents=True, exist_ok=True)
         self.account.s3.download_file(bucket, key, str(artifact))
-        self.endpoints.entry_point = container["Environment"]["SAGEMAKER_PROGRAM"]
-        info = self.endpoints.deploy(EndpointSpec(name=name, model_uri=artifact.as_uri()))
+        info = self.endpoints.deploy(EndpointSpec(name=name, model_uri=artifact.as_uri(),
+                                                  environment=container["Environment"]))
         os.environ[RUNTIME_URL_ENV] = info.url
         self.served.append(name)
 

@@ -14,7 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
-from backends.aws_errors import CREDENTIALS_HELP, REGION_HELP
+from backends.aws.errors import CREDENTIALS_HELP, REGION_HELP
 from backends.base import ConfigurationError
 
 # Standard retry mode backs off on throttling (ListTags per endpoint in the reaper, log polls).

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from backends.aws_errors import ROLE_HELP
+from backends.aws.errors import ROLE_HELP
 from backends.base import ConfigurationError
 
 ROLE_ENV = "SAGEMAKER_ROLE_ARN"

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError
 
-from backends.aws_errors import aws_errors, denied_action, is_not_found
-from backends.base import BackendError
-from backends.local_store import UploadReport, sha256_file
+from backends.aws.errors import aws_errors, denied_action, is_not_found
+from backends.base import BackendError, UploadReport
+from backends.files import sha256_file
 
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256: ETags are not content hashes for multipart
 MAX_OUTPUT_ARCHIVE_BYTES = 64 << 20  # output.tar.gz holds metrics.json; refuse anything huge

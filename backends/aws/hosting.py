@@ -16,11 +16,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from backends.aws_config import AwsOptions
-from backends.aws_errors import aws_errors, is_not_found
-from backends.aws_images import pytorch_image
-from backends.aws_s3 import object_exists
-from backends.aws_session import AwsSession
+from backends.aws.config import AwsOptions
+from backends.aws.errors import aws_errors, is_not_found
+from backends.aws.images import pytorch_image
+from backends.aws.s3 import object_exists
+from backends.aws.session import AwsSession
 from backends.base import (
     CREATED_KEY,
     MANAGED_BY_KEY,
@@ -33,11 +33,7 @@ from backends.base import (
     EndpointSpec,
     LogCallback,
 )
-from backends.settings import ENTRY_POINT
 
-# The PyTorch inference toolkit imports the handlers (model_fn, input_fn, ...) from this
-# program in this directory; model.tar.gz carries them in code/ (see save_model in the script).
-MODEL_CODE_DIR = "/opt/ml/model/code"
 FAILED = {"Failed", "OutOfService", "Deleting", "UpdateRollbackFailed"}
 
 
@@ -78,11 +74,12 @@ class AwsEndpoints:
                 self.sm.create_model(
                     ModelName=spec.name, ExecutionRoleArn=role, Tags=tags,
                     PrimaryContainer={"Image": image, "ModelDataUrl": spec.model_uri,
+                                      # The PyTorch inference toolkit imports the handlers
+                                      # from code/inference.py of model.tar.gz by default.
                                       "Environment": {
-                                          "SAGEMAKER_PROGRAM": ENTRY_POINT,
-                                          "SAGEMAKER_SUBMIT_DIRECTORY": MODEL_CODE_DIR,
                                           "SAGEMAKER_REGION": self.aws.region,
                                           "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                                          **spec.environment,
                                       }},
                 )
             with aws_errors(f"creating endpoint config {spec.name}"):
