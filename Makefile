@@ -83,9 +83,13 @@ browser:  ## headless Chromium for the UI test (apt-get, when root)
 	else echo "note: no chromium and no root apt-get to install it: the UI test will be skipped"; \
 	fi
 
-test: setup browser | isolated-prefect-home  ## ruff, then the test suite
+# The tests run in parallel worker processes (pytest-xdist), each module on one worker (its
+# servers and trained models are module-wide); TEST_WORKERS=0 runs them all in one process.
+TEST_WORKERS ?= auto
+test: setup browser | isolated-prefect-home  ## ruff, then the test suite (in parallel; prints the 15 slowest)
 	$(BIN)/ruff check .
-	$(ISOLATED_PREFECT) $(BIN)/pytest $(PYTEST_ARGS)
+	$(ISOLATED_PREFECT) $(BIN)/pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope \
+		--no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # With `make ui` running, the run reports to it (watch it live); otherwise Prefect starts a
 # temporary server on the same database, and `make ui` shows the run afterwards.

@@ -29,6 +29,7 @@ from common import REPO, machine, print_table
 
 from backends.base import EndpointSpec, TrainingSpec, managed_tags
 from backends.local import LocalBackend
+from model_src.cifar import JSON, NPY
 from tests.support.synthetic import make_cifar_dir
 
 # Inference code that does no work: deployed like any model, it measures the server alone.
@@ -93,7 +94,7 @@ def load(host: str, port: int, path: str, body: bytes, concurrency: int, request
     lock = threading.Lock()
     remaining = [requests]
     deadline = time.monotonic() + max_seconds
-    headers = {"Content-Type": "application/x-npy", "Accept": "application/json"}
+    headers = {"Content-Type": NPY, "Accept": JSON}
 
     def worker() -> None:
         conn = http.client.HTTPConnection(host, port, timeout=30)

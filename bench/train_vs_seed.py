@@ -39,6 +39,8 @@ from pathlib import Path
 
 from common import REPO, machine, print_table, real_cifar10
 
+from model_src.cifar import METRICS_FILE
+
 ENTRY_SCRIPT = REPO / "model_src" / "train.py"
 # Instruction-set caps that make this machine compute like one without native bf16.
 LIKE = {
@@ -85,7 +87,7 @@ def run_entry_script(batch_dir: Path, work: Path, name: str, args: list[str],
                     "--model-dir", str(model_dir), *args], check=True, stdout=subprocess.DEVNULL,
                    env=env)
     wall = time.perf_counter() - started
-    metrics = json.loads((work / name / "output" / "data" / "metrics.json").read_text())
+    metrics = json.loads((work / name / "output" / "data" / METRICS_FILE).read_text())
     return {"test_accuracy": metrics["test_accuracy"], "wall_seconds": wall,
             "recipe_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
             "batch_size": metrics["batch_size"], "precision": metrics["precision"]}

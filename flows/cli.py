@@ -64,7 +64,7 @@ def run(
                                                       "(https://, http://, file://)")] = None,
     data_md5: Annotated[str | None, typer.Option(help="its md5 (required for mirrors; "
                                                       "'none' skips the check)")] = None,
-    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~87%)")] = "tutorial",
+    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~86%)")] = "tutorial",
     epochs: Annotated[float | None, typer.Option(help="passes over the training set, "
                                                     "fractions allowed; default: the "
                                                     "model preset's")] = None,

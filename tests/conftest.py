@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.reporting import tables
+from tests.support.reporting import merge, shipped, tables
 
 # The test servers are offline: Prefect's usage telemetry would only log errors (as `make` sets).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Parallel workers (pytest-xdist) share the cores: each worker's torch, and the training jobs it
+# starts, get their share. OpenMP threads that spin on an oversubscribed core stall everything.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
 from tests.support.synthetic import make_cifar_dir
 
@@ -146,6 +150,32 @@ def prefect_harness():
     with temporary_settings(updates={"flows.heartbeat_frequency": None}), \
             prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# The longest modules first, longest first, the rest after in file order: parallel workers
+# then finish together instead of one running a long module alone at the end (the first one
+# also mostly waits, on heartbeats and crash detection, which the others' work fills).
+LONGEST_MODULES = ("test_faults_live.py", "test_faults.py", "test_ui_e2e.py",
+                   "test_prefect_api.py", "test_flow.py", "test_aws_flow.py",
+                   "test_endpoint_abuse.py", "test_deployments.py", "test_entry_script.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_sessionfinish(session) -> None:
+    """A pytest-xdist worker hands its report tables to the controller, which prints them."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["report_tables"] = shipped()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # pytest-xdist: a worker finished
+    payload = getattr(node, "workeroutput", {}).get("report_tables")
+    if payload:
+        merge(payload)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -361,7 +361,7 @@ def test_failed_job_raises_with_its_failure_reason(aws):
 
 
 def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
-    import backends.aws.training
+    import backends.polling  # the backends' one wait loop
 
     backend = make_backend()
     in_progress = described_job("InProgress", ModelArtifacts={"S3ModelArtifacts": ""})
@@ -369,7 +369,7 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
     def interrupted(seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backends.aws.training, "sleep", interrupted)
+    monkeypatch.setattr(backends.polling, "sleep", interrupted)
     with Stubber(backend.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", in_progress)
         stubber.add_response("describe_training_job", in_progress)
@@ -381,8 +381,8 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
     # The wait is bounded; an ordinary error leaves the job for a retry to re-attach to.
     bounded = make_backend(training_wait_slack_seconds=60)
     clock = itertools.count(0, 10_000)  # every reading is 10000 s after the one before
-    monkeypatch.setattr(backends.aws.training, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(backends.aws.training, "sleep", lambda seconds: None)
+    monkeypatch.setattr(backends.polling, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(backends.polling, "sleep", lambda seconds: None)
     with Stubber(bounded.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", in_progress)  # exists: re-attach
         stubber.add_response("describe_training_job", in_progress)  # still InProgress

@@ -24,22 +24,7 @@ def test_help_lists_the_commands():
     assert "--older-than" in result.stdout and "--dry-run" in result.stdout
 
 
-def test_run_json_prints_the_summary_as_one_json_object(prefect_harness, http_server,
-                                                        cifar_tarball):
-    name, md5 = cifar_tarball
-    result = runner.invoke(app, [
-        "run", "--data-url", f"{http_server}/{name}", "--data-md5", md5, "--epochs", "2",
-        "--batch-size", "16", "--lr", "0.02", "--smoke-images", "50", "--accuracy-floor", "0.5",
-        "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
-    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
-                                       "smoke_predict", "delete_endpoint"]
-    assert summary["smoke_test"]["images"] == 50
-    assert summary["training"]["metrics"]["test_accuracy"] > 0.5
-    assert summary["data"]["uri"].startswith("file://")
-    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
-    assert LocalBackend().describe_endpoint(summary["endpoint"]["name"]) is None
+# `run --json` end to end: test_prefect_api.py (a fresh Prefect home, in a real process).
 
 
 @pytest.mark.parametrize("args, message", [

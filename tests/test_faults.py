@@ -196,7 +196,6 @@ def session_model(monkeypatch, model_uri, local_backend) -> None:
                         dataclasses.replace(trained, job_name=spec.job_name))
 
 
-@pytest.mark.usefixtures("session_model")
 def add_fault_row(backend: str, fault: Fault, state: Any, reaped: list[str], leaks: dict,
                   started: float) -> None:
     fault_table().add(backend=backend, scenario=fault.scenario, **{
@@ -205,6 +204,7 @@ def add_fault_row(backend: str, fault: Fault, state: Any, reaped: list[str], lea
         "seconds": time.monotonic() - started}, **leaks)
 
 
+@pytest.mark.usefixtures("session_model")
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
 def test_local_teardown_under_fault(fault, prefect_harness, http_server, cifar_tarball,
                                     tmp_path, monkeypatch):

@@ -94,3 +94,17 @@ def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tar
         assert info.status == "InService"
     finally:
         backend.delete_endpoint(summary.endpoint.name)
+
+
+def test_the_orchestrating_process_never_imports_torch():
+    """The flow, its tasks, the CLI and the deployments import only model_src's torch-free
+    module: torch (seconds to import) loads in training jobs and model servers only."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, flows.pipeline, flows.cli, flows.reaper, deployments.serve; "
+             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules "
+             "if m.startswith('torch'))[:5]")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.local import LocalBackend
 from tests.support.pipeline import REPO
 
 pytestmark = pytest.mark.slow
@@ -55,14 +56,24 @@ def test_a_fresh_home_runs_the_first_time_even_with_a_short_startup_timeout(
     home = tmp_path / "ours" / "prefect"
     name, md5 = cifar_tarball
     result = cli("run", "--data-url", f"{http_server}/{name}", "--data-md5", md5,
-                 "--epochs", "1", "--batch-size", "16", "--lr", "0.02", "--smoke-images", "20",
-                 "--accuracy-floor", "0.3", "--json", env=fresh_prefect_env(home, **short))
+                 "--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--smoke-images", "50",
+                 "--accuracy-floor", "0.5", "--json", env=fresh_prefect_env(home, **short))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"creating Prefect's database at {home / 'prefect.db'}" in result.stderr
     assert "Prefect's temporary API server is up" in result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["training"]["metrics"]["test_accuracy"] > 0.3
     assert (home / "prefect.db").stat().st_size > 0  # the run is recorded there for `make ui`
+
+    # `run --json`: stdout holds the run summary as one JSON object and nothing else.
+    summary = json.loads(result.stdout)
+    assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
+                                       "smoke_predict", "delete_endpoint"]
+    assert summary["smoke_test"]["images"] == 50
+    assert summary["training"]["metrics"]["test_accuracy"] > 0.5
+    assert summary["data"]["uri"].startswith("file://")
+    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
+    pipeline_state = home.parent / "pipeline-state"
+    assert LocalBackend(root=pipeline_state).describe_endpoint(summary["endpoint"]["name"]) \
+        is None
 
 
 def test_when_prefect_cannot_start_the_cli_says_what_to_do_in_one_line(tmp_path):

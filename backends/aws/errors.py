@@ -8,8 +8,9 @@ backend makes runs inside ``aws_errors("what we were doing")``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from botocore.exceptions import (
     ClientError,
@@ -122,3 +123,18 @@ def is_not_found(error: ClientError) -> bool:
         return True
     return code == "ValidationException" and any(
         phrase in message for phrase in ("could not find", "not found", "does not exist"))
+
+
+T = TypeVar("T")
+
+
+def unless_missing(doing: str, call: Callable[..., T], **params: Any) -> T | None:
+    """``call(**params)``, or None when AWS says the resource does not exist; any other AWS
+    error is translated as by ``aws_errors(doing)``."""
+    with aws_errors(doing):
+        try:
+            return call(**params)
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            raise

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from time import monotonic, sleep
+from time import monotonic
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from backends.aws.config import AwsOptions
-from backends.aws.errors import aws_errors, is_not_found
+from backends.aws.errors import aws_errors, unless_missing
 from backends.aws.images import pytorch_image
 from backends.aws.s3 import object_exists
 from backends.aws.session import AwsSession
@@ -33,6 +31,7 @@ from backends.base import (
     EndpointSpec,
     LogCallback,
 )
+from backends.polling import poll
 
 FAILED = {"Failed", "OutOfService", "Deleting", "UpdateRollbackFailed"}
 
@@ -111,8 +110,10 @@ class AwsEndpoints:
 
     def _wait_in_service(self, name: str, emit: LogCallback) -> dict[str, Any]:
         started = monotonic()
-        last = None
-        while True:
+        last: str | None = None
+
+        def check() -> dict[str, Any] | None:
+            nonlocal last
             described = self._describe_endpoint(name)
             if described is None:
                 raise EndpointFailed(name, "deleted while it was being created")
@@ -120,48 +121,32 @@ class AwsEndpoints:
             if status != last:
                 last = status
                 emit(f"endpoint {name}: {status} after {monotonic() - started:.0f}s")
-            if status == "InService":
-                return described
             if status in FAILED:
                 raise EndpointFailed(name, described.get("FailureReason") or status)
-            if monotonic() - started > self.options.deploy_timeout_seconds:
-                raise EndpointFailed(name, f"not InService after "
-                                           f"{self.options.deploy_timeout_seconds:.0f}s "
-                                           f"(still {status})")
-            sleep(self.options.poll_seconds)
+            return described if status == "InService" else None
+
+        return poll(check, interval=self.options.poll_seconds,
+                    timeout=self.options.deploy_timeout_seconds,
+                    on_timeout=lambda elapsed: EndpointFailed(
+                        name, f"not InService after {elapsed:.0f}s (still {last})"))
 
     # -- describe and list -------------------------------------------------------------------
 
     def _describe_endpoint(self, name: str) -> dict[str, Any] | None:
-        with aws_errors(f"describing endpoint {name}"):
-            try:
-                return self.sm.describe_endpoint(EndpointName=name)
-            except ClientError as e:
-                if is_not_found(e):
-                    return None
-                raise
+        return unless_missing(f"describing endpoint {name}", self.sm.describe_endpoint,
+                              EndpointName=name)
 
     def _describe_config(self, name: str) -> dict[str, Any] | None:
-        with aws_errors(f"describing endpoint config {name}"):
-            try:
-                return self.sm.describe_endpoint_config(EndpointConfigName=name)
-            except ClientError as e:
-                if is_not_found(e):
-                    return None
-                raise
+        return unless_missing(f"describing endpoint config {name}",
+                              self.sm.describe_endpoint_config, EndpointConfigName=name)
 
     def _tags(self, arn: str) -> dict[str, str] | None:
         """The resource's tags; None when it is gone."""
-        tags: dict[str, str] = {}
-        with aws_errors(f"listing the tags of {arn}"):
-            try:
-                for page in self.sm.get_paginator("list_tags").paginate(ResourceArn=arn):
-                    tags.update({t["Key"]: t.get("Value", "") for t in page.get("Tags", [])})
-            except ClientError as e:
-                if is_not_found(e):
-                    return None
-                raise
-        return tags
+        def read() -> dict[str, str]:
+            pages = self.sm.get_paginator("list_tags").paginate(ResourceArn=arn)
+            return {t["Key"]: t.get("Value", "") for page in pages for t in page.get("Tags", [])}
+
+        return unless_missing(f"listing the tags of {arn}", read)
 
     def _info(self, name: str, arn: str, status: str, creation_time: dt.datetime,
               config_name: str | None, tags: dict[str, str]) -> EndpointInfo:
@@ -258,14 +243,8 @@ class AwsEndpoints:
 
     @staticmethod
     def _delete(kind: str, name: str, call: Any, **params: str) -> bool:
-        with aws_errors(f"deleting {kind} {name}"):
-            try:
-                call(**params)
-            except ClientError as e:
-                if is_not_found(e):
-                    return False
-                raise
-        return True
+        """True when deleted, False when there was nothing to delete."""
+        return unless_missing(f"deleting {kind} {name}", call, **params) is not None
 
 
 def created_at(tags: dict[str, str], creation_time: dt.datetime) -> dt.datetime:

@@ -10,9 +10,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import ClientError
 
-from backends.aws.errors import aws_errors, denied_action, is_not_found
+from backends.aws.errors import aws_errors, denied_action, unless_missing
 from backends.base import BackendError, UploadReport
 from backends.files import sha256_file
 
@@ -68,13 +67,9 @@ def mirror_directory(s3: Any, local_dir: Path, bucket: str, prefix: str) -> Uplo
 
 
 def _stored_sha256(s3: Any, bucket: str, key: str) -> str | None:
-    with aws_errors(f"reading {s3_uri(bucket, key)}"):
-        try:
-            return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
-        except ClientError as e:
-            if is_not_found(e):
-                return None
-            raise
+    head = unless_missing(f"reading {s3_uri(bucket, key)}", s3.head_object, Bucket=bucket,
+                          Key=key)
+    return None if head is None else head.get("Metadata", {}).get(SHA256_METADATA)
 
 
 def _upload(s3: Any, file: Path, bucket: str, key: str, digest: str) -> None:
@@ -92,30 +87,20 @@ def _upload(s3: Any, file: Path, bucket: str, key: str, digest: str) -> None:
 
 def object_exists(s3: Any, uri: str) -> bool:
     bucket, key = parse_s3_uri(uri)
-    with aws_errors(f"checking {uri}"):
-        try:
-            s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as e:
-            if is_not_found(e):
-                return False
-            raise
-    return True
+    return unless_missing(f"checking {uri}", s3.head_object, Bucket=bucket, Key=key) is not None
 
 
 def read_tar_member(s3: Any, uri: str, name: str) -> bytes | None:
     """The file ``name`` from the tar.gz at ``uri``; None when the archive or the member is
     missing (a job that wrote no output data)."""
     bucket, key = parse_s3_uri(uri)
+    response = unless_missing(f"reading {uri}", s3.get_object, Bucket=bucket, Key=key)
+    if response is None:
+        return None
+    if response.get("ContentLength", 0) > MAX_OUTPUT_ARCHIVE_BYTES:
+        response["Body"].close()
+        return None
     with aws_errors(f"reading {uri}"):
-        try:
-            response = s3.get_object(Bucket=bucket, Key=key)
-        except ClientError as e:
-            if is_not_found(e):
-                return None
-            raise
-        if response.get("ContentLength", 0) > MAX_OUTPUT_ARCHIVE_BYTES:
-            response["Body"].close()
-            return None
         data = response["Body"].read()
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:

@@ -11,6 +11,8 @@ import threading
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
@@ -23,10 +25,18 @@ CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5})
 RUNTIME_CONFIG = Config(read_timeout=80, retries={"mode": "standard", "max_attempts": 2})
 
 
+# botocore reads each service's API model (SageMaker's is megabytes of JSON) once per session;
+# a backend is built per flow run and per teardown hook, so the sessions share one loader and
+# its cache.
+_MODEL_LOADER = botocore.loaders.create_loader()
+
+
 def new_boto_session(region: str | None) -> boto3.Session:
     """A boto3 session on the default credential chain (environment, profile, SSO, instance
     role). The one place sessions are made: tests replace it to observe every call."""
-    return boto3.Session(region_name=region)
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _MODEL_LOADER)
+    return boto3.Session(botocore_session=core, region_name=region)
 
 
 class AwsSession:

@@ -23,13 +23,12 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from time import monotonic, sleep
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from backends.aws.config import AwsOptions
-from backends.aws.errors import aws_errors, error_code, is_not_found, translate
+from backends.aws.errors import aws_errors, error_code, translate, unless_missing
 from backends.aws.images import pytorch_image
 from backends.aws.logs import LOG_GROUP, TrainingLogTail
 from backends.aws.s3 import read_tar_member, s3_uri
@@ -43,6 +42,7 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
+from backends.polling import poll
 from backends.settings import SOURCE_DIR
 from model_src.cifar import METRICS_FILE, SOURCE_IGNORE, TRAINING_PROGRAM, metric_regex
 
@@ -155,13 +155,8 @@ class AwsTrainingJobs:
     # -- running ---------------------------------------------------------------------------
 
     def describe(self, name: str) -> dict[str, Any] | None:
-        with aws_errors(f"describing training job {name}"):
-            try:
-                return self.aws.sagemaker.describe_training_job(TrainingJobName=name)
-            except ClientError as e:
-                if is_not_found(e):
-                    return None
-                raise
+        return unless_missing(f"describing training job {name}",
+                              self.aws.sagemaker.describe_training_job, TrainingJobName=name)
 
     def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
         """Creates the job named ``spec.job_name``, or re-attaches to it when an earlier
@@ -200,34 +195,36 @@ class AwsTrainingJobs:
         leaves the job running (a retry re-attaches to it); an interrupt or cancellation stops
         it, so nothing is billed for a run nobody waits for."""
         tail = TrainingLogTail(self.aws.logs, name, emit, label_hosts=label_hosts)
-        started = monotonic()
-        deadline = None
-        last = None
+        bound = float("inf")  # the job's stopping condition, from the first answer, + slack
+        status: tuple[str, str] | None = None
+
+        def check() -> dict[str, Any] | None:
+            nonlocal bound, status
+            described = self.describe(name)
+            if described is None:
+                raise BackendError(f"training job {name} disappeared while waiting for it")
+            if status is None:
+                stopping = described.get("StoppingCondition", {})
+                bound = ((stopping.get("MaxWaitTimeInSeconds")
+                          or stopping.get("MaxRuntimeInSeconds") or 0)
+                         + self.options.training_wait_slack_seconds)
+            tail.poll()
+            now = described["TrainingJobStatus"]
+            now_status = (now, described.get("SecondaryStatus", now))
+            if now_status != status:
+                status = now_status
+                emit(f"training job {name}: {now} ({status[1]}){_status_message(described)}")
+            if now in TERMINAL:
+                tail.poll()  # the lines written just before the job ended
+                return described
+            return None
+
         try:
-            while True:
-                described = self.describe(name)
-                if described is None:
-                    raise BackendError(f"training job {name} disappeared while waiting for it")
-                if deadline is None:
-                    stopping = described.get("StoppingCondition", {})
-                    bound = (stopping.get("MaxWaitTimeInSeconds")
-                             or stopping.get("MaxRuntimeInSeconds") or 0)
-                    deadline = started + bound + self.options.training_wait_slack_seconds
-                tail.poll()
-                status = described["TrainingJobStatus"]
-                secondary = described.get("SecondaryStatus", status)
-                if (status, secondary) != last:
-                    last = (status, secondary)
-                    emit(f"training job {name}: {status} ({secondary}){_status_message(described)}")
-                if status in TERMINAL:
-                    tail.poll()  # the lines written just before the job ended
-                    return described
-                if monotonic() > deadline:
-                    raise BackendError(
-                        f"training job {name} is still {status} after "
-                        f"{monotonic() - started:.0f}s; it keeps running, bounded by its "
-                        f"stopping condition, and a retry of this task re-attaches to it")
-                sleep(self.options.poll_seconds)
+            return poll(check, interval=self.options.poll_seconds, timeout=lambda: bound,
+                        on_timeout=lambda elapsed: BackendError(
+                            f"training job {name} is still {status[0]} after {elapsed:.0f}s; "
+                            f"it keeps running, bounded by its stopping condition, and a retry "
+                            f"of this task re-attaches to it"))
         except Exception:
             raise
         except BaseException:

@@ -9,10 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore import UNSIGNED
-from botocore.config import Config
-
 from backends.base import (
     Backend,
     BackendError,
@@ -84,6 +80,11 @@ class LocalBackend(Backend):
             raise BackendError(f"endpoint {endpoint_name} does not exist")
         if info.status != "InService":
             raise BackendError(f"endpoint {endpoint_name} is {info.status}, not InService")
+        # Imported here: the model server process imports this package and never needs boto3.
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
         return boto3.client(
             "sagemaker-runtime", endpoint_url=info.url,
             region_name=os.environ.get("AWS_REGION", "us-east-1"),

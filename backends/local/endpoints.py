@@ -35,6 +35,7 @@ from backends.base import (
 from backends.files import atomic_write_text
 from backends.local import processes
 from backends.local.store import path_from_uri
+from backends.polling import poll
 
 # One math thread per request, requests in parallel: small batches spend more time waking
 # OpenMP threads than computing, and spinning threads starve a busy machine (the usual
@@ -141,8 +142,7 @@ class LocalEndpoints:
         return info
 
     def _wait_in_service(self, name: str, proc: subprocess.Popen) -> EndpointInfo:
-        deadline = time.monotonic() + self.deploy_timeout_seconds
-        while time.monotonic() < deadline:
+        def check() -> EndpointInfo | None:
             record = self.records.read(name) or {}
             if record.get("status") == "Failed" or proc.poll() is not None:
                 time.sleep(0.2)  # let the log flush
@@ -150,9 +150,11 @@ class LocalEndpoints:
                 raise EndpointFailed(name, f"{reason}\n{self._log_tail(name)}")
             if record.get("status") == "InService" and _ping(record):
                 return self._info(record)
-            time.sleep(0.1)
-        raise EndpointFailed(name, f"not InService after {self.deploy_timeout_seconds:.0f}s\n"
-                                   f"{self._log_tail(name)}")
+            return None
+
+        return poll(check, interval=0.1, timeout=self.deploy_timeout_seconds,
+                    on_timeout=lambda elapsed: EndpointFailed(
+                        name, f"not InService after {elapsed:.0f}s\n{self._log_tail(name)}"))
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
         try:

@@ -77,10 +77,13 @@ def _now() -> str:
 
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (taskset, a container's cpuset), which
-    can be fewer than the machine has."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    can be fewer than the machine has, and no more than an OMP_NUM_THREADS the user set (the
+    machine is shared with other work)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cpus = min(cpus or 1, int(limit))
+    return cpus or 1
 
 
 def _gpu_count() -> int:

@@ -21,14 +21,18 @@ def _leaked(rows: list[Row]) -> int:
     return sum(v for r in rows for c in LEAK_COLUMNS if isinstance(v := r.get(c), int))
 
 
+def fault_summary(rows: list[Row]) -> str:
+    return (f"scenarios run: {len(rows)}; resources leaked: {_leaked(rows)} (endpoints, "
+            f"endpoint configs, models and server/training processes remaining after each "
+            f"scenario)")
+
+
 def fault_table() -> ReportTable:
     return report_table(
         "Teardown under faults: what each scenario left behind (must be 0)",
         ["backend", "scenario", "final state", "cause (state message)", "reaper deleted",
          *LEAK_COLUMNS, "seconds"],
-        summary=lambda rows: (f"scenarios run: {len(rows)}; resources leaked: "
-                              f"{_leaked(rows)} (endpoints, endpoint configs, models and "
-                              f"server/training processes remaining after each scenario)"))
+        summary=fault_summary)
 
 
 # Prefect's own words around the cause, left out of the table to leave room for the cause.

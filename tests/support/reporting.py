@@ -10,10 +10,17 @@ A suite asks for its table by title and adds a row per scenario::
 
 Rows are added as soon as a scenario's figures are known, before its assertions, so a failing
 scenario shows in the table too.
+
+With pytest-xdist the tests run in worker processes: each worker sends its tables to the
+controller (``shipped``/``merge``), which prints them, rows of one title together. A summary
+written as a module-level function of the rows is recomputed over all of them; any other is
+the line its worker rendered.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +45,9 @@ class ReportTable:
                            f"columns are {self.columns}")
         self.rows.append(row)
 
+    # Summary lines rendered by workers, for a summary the controller cannot recompute.
+    worker_summaries: list[str] = field(default_factory=list)
+
     def render(self) -> list[str]:
         """The table as markdown lines, columns padded so that it also reads as plain text."""
         cells = [[_cell(row.get(c)) for c in self.columns] for row in self.rows]
@@ -46,6 +56,8 @@ class ReportTable:
         lines += [_line(r, widths) for r in cells]
         if self.summary is not None:
             lines += ["", self.summary(self.rows)]
+        elif self.worker_summaries:
+            lines += ["", *self.worker_summaries]
         return lines
 
 
@@ -62,6 +74,31 @@ def report_table(title: str, columns: Sequence[str],
     elif table.columns != list(columns):
         raise ValueError(f"table {title!r} already exists with columns {table.columns}")
     return table
+
+
+def shipped() -> str:
+    """This (worker) process's tables as JSON, for the controller's ``merge``."""
+    def summary_ref(summary: Callable | None) -> str | None:
+        name = getattr(summary, "__qualname__", "")
+        return None if summary is None or "<" in name else f"{summary.__module__}:{name}"
+
+    return json.dumps([{"title": t.title, "columns": t.columns, "rows": t.rows,
+                        "summary": summary_ref(t.summary),
+                        "summary_line": t.summary(t.rows) if t.summary else None}
+                       for t in tables()], default=str)
+
+
+def merge(payload: str) -> None:
+    """Adds a worker's tables (``shipped``) to this process's."""
+    for sent in json.loads(payload):
+        summary = None
+        if sent["summary"]:
+            module, name = sent["summary"].split(":")
+            summary = getattr(importlib.import_module(module), name)
+        table = report_table(sent["title"], sent["columns"], summary)
+        table.rows += sent["rows"]
+        if summary is None and sent["summary_line"]:
+            table.worker_summaries.append(sent["summary_line"])
 
 
 def tables() -> list[ReportTable]:
