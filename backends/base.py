@@ -19,6 +19,10 @@ MANAGED_BY_KEY = "managed-by"
 MANAGED_BY_VALUE = "cifar10-pipeline"
 OWNER_KEY = "owner"  # the flow run (or person) that created the resource
 CREATED_KEY = "created-at"  # ISO-8601 UTC, so the reaper needs no extra API call
+KEPT_KEY = "kept"  # "true": the user asked to keep the endpoint; the reaper leaves it alone
+# Every name the pipeline gives a training job or endpoint starts with this, so that listings
+# can be narrowed (ListEndpoints' NameContains) before the tags are read.
+NAME_PREFIX = "cifar10-"
 
 TRAINING_CHANNEL = "training"
 # The one production variant of every endpoint (SageMaker's usual name for it).
@@ -53,13 +57,16 @@ class EndpointExists(BackendError):
         self.endpoint_name = endpoint_name
 
 
-def managed_tags(owner: str, created: dt.datetime | None = None) -> dict[str, str]:
-    """The tags that mark a resource as this pipeline's."""
+def managed_tags(owner: str, created: dt.datetime | None = None,
+                 kept: bool = False) -> dict[str, str]:
+    """The tags that mark a resource as this pipeline's (and, ``kept``, as one the user chose
+    to keep: never reaped)."""
     created = created or dt.datetime.now(dt.UTC)
     return {
         MANAGED_BY_KEY: MANAGED_BY_VALUE,
         OWNER_KEY: owner,
         CREATED_KEY: created.astimezone(dt.UTC).isoformat(timespec="seconds"),
+        **({KEPT_KEY: "true"} if kept else {}),
     }
 
 
@@ -120,6 +127,11 @@ class EndpointInfo:
     @property
     def managed(self) -> bool:
         return self.tags.get(MANAGED_BY_KEY) == MANAGED_BY_VALUE
+
+    @property
+    def kept(self) -> bool:
+        """The user chose to keep it (``--keep-endpoint``): only an explicit delete removes it."""
+        return self.tags.get(KEPT_KEY) == "true"
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,28 @@ from backends.base import Backend
 @dataclass
 class ReapReport:
     deleted: list[str] = field(default_factory=list)  # or, in a dry run, would be deleted
-    kept: list[str] = field(default_factory=list)
+    younger: list[str] = field(default_factory=list)  # than the TTL: left for now
+    kept_by_user: list[str] = field(default_factory=list)  # tagged kept: never reaped
     dry_run: bool = False
 
 
 def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = False,
                    now: dt.datetime | None = None) -> ReapReport:
     """Deletes the backend's pipeline-owned endpoints created more than ``older_than`` ago,
-    and the remains of deleted ones (an endpoint config or model left behind). Resources
-    without the managed-by tag are never listed, so never touched."""
+    and the remains of deleted ones (an endpoint config or model left behind), except the
+    endpoints the user chose to keep (tagged kept=true). Resources without the managed-by tag
+    are never listed, so never touched."""
     now = now or dt.datetime.now(dt.UTC)
     report = ReapReport(dry_run=dry_run)
     for endpoint in [*backend.list_endpoints(), *backend.list_orphans()]:
         if not endpoint.managed:
             continue
-        if now - endpoint.created >= older_than:
+        if endpoint.kept:
+            report.kept_by_user.append(endpoint.name)
+        elif now - endpoint.created >= older_than:
             if not dry_run:
                 backend.delete_endpoint(endpoint.name)
             report.deleted.append(endpoint.name)
         else:
-            report.kept.append(endpoint.name)
+            report.younger.append(endpoint.name)
     return report

@@ -111,45 +111,72 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--like", choices=sorted(LIKE),
                         help="compute as a CPU without native bf16 would (caps the instruction "
                              "sets of oneDNN and ATen for every run, the seed's included)")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="print the report of an earlier run's results file, run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        return report(json.loads(args.report.read_text()))
+    results = measure(args)
+    return report(results)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Runs everything; every result is also written, as it comes, to bench/results/ (so a
+    long run's figures survive whatever happens after)."""
     env = {**os.environ, **LIKE.get(args.like or "", {})}
     batch_dir = real_cifar10()
     cpu = capability(env)
-    print(f"machine: {machine()}" + (f", run as {args.like} ({LIKE[args.like]})"
-                                     if args.like else ""))
+    # auto == fp32 on this machine: the same configuration, measured once.
+    paths = ["fp32"] if cpu["auto"] == "fp32" else ["fp32", "auto"]
+    results: dict = {"machine": machine() + (f", run as {args.like} ({LIKE[args.like]})"
+                                             if args.like else ""),
+                     "cpu": cpu, "runs": {path: [] for path in paths}, "seed": None,
+                     "strong": {}}
+    out = REPO / "bench" / "results" / f"train_vs_seed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {results['machine']}")
     print(f"CPU capability (torch): {cpu['capability']}, AVX512-BF16 {cpu['avx512_bf16']}, "
           f"AMX {cpu['amx']}, oneDNN bf16 {cpu['onednn_bf16']}; --precision auto picks "
           f"{cpu['auto']} ({cpu['why']})")
-    print(f"data: {batch_dir}")
-    # auto == fp32 on this machine: the same configuration, measured once.
-    paths = ["fp32"] if cpu["auto"] == "fp32" else ["fp32", "auto"]
-    runs: dict[str, list[dict]] = {path: [] for path in paths}
+    print(f"data: {batch_dir}\nresults: {out}")
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
 
     def run_ours(repeat: int) -> None:
         for path in paths:
             print(f"running our default configuration, --precision {path} "
                   f"({repeat} of {args.repeats})...", flush=True)
-            runs[path].append(run_entry_script(batch_dir, work, f"{path}-{repeat}",
-                                               ["--precision", path], env))
+            results["runs"][path].append(run_entry_script(
+                batch_dir, work, f"{path}-{repeat}", ["--precision", path], env))
+            save()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run_ours(1)
-        seed = None
         if not args.skip_seed:
             print("running the seed recipe...", flush=True)
-            seed = run_seed(batch_dir.parent, work, env)
+            results["seed"] = run_seed(batch_dir.parent, work, env)
+            save()
         for repeat in range(2, args.repeats + 1):
             run_ours(repeat)
-        strong = {}
         if args.strong:
             for path in paths:
                 print(f"running our stronger preset, --precision {path}...", flush=True)
-                strong[path] = run_entry_script(batch_dir, work, f"strong-{path}",
-                                                ["--model", "airbench", "--precision", path],
-                                                env)
-    ours = {path: median_run(results) for path, results in runs.items()}
-    ours.setdefault("auto", ours["fp32"])
+                results["strong"][path] = run_entry_script(
+                    batch_dir, work, f"strong-{path}",
+                    ["--model", "airbench", "--precision", path], env)
+                save()
+    return results
+
+
+def report(results: dict) -> list[list[str]]:
+    """Prints the table and the verdicts; returns the headline rows."""
+    runs, seed, cpu = results["runs"], results["seed"], results["cpu"]
+    # Where auto is fp32 there is one series of runs, shown for both paths.
+    series = {"fp32": runs["fp32"], "auto": runs.get("auto", runs["fp32"])}
+    ours = {path: median_run(results) for path, results in series.items()}
+    strong = dict(results["strong"])
     if strong:
         strong.setdefault("auto", strong["fp32"])
 
@@ -161,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         return [label, f"{result['recipe_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
                 f"{result['test_accuracy']:.4f}", *speedups]
 
+    print(f"\nmachine: {results['machine']}; --precision auto picks {cpu['auto']} "
+          f"({cpu['why']})")
     rows = []
     if seed:
         rows.append(row("seed notebook (tutorial net, batch 4, PIL transforms)", seed))
@@ -168,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         result = ours[path]
         rows.append(row(f"ours, default, --precision {path} (ran {result['precision']}; "
                         f"batch {result['batch_size']}, {result['epochs']} epochs), median of "
-                        f"{len(runs[cpu['auto'] if path == 'auto' else 'fp32'])}", result))
+                        f"{len(series[path])}", result))
     for path in ("fp32", "auto") if strong else ():
         result = strong[path]
         rows.append(row(f"ours, --model airbench --precision {path} (ran {result['precision']}; "
@@ -176,21 +205,23 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     print()
     print_table(["recipe", "recipe s", "process wall s", "test acc", "speed-up (recipe)",
                  "speed-up (process)"], rows)
-    for path, results in runs.items():
+    for path, path_runs in runs.items():
         print(f"our default runs, --precision {path}, recipe s / process wall s: "
               + ", ".join(f"{r['recipe_seconds']:.1f} / {r['wall_seconds']:.1f}"
-                          for r in results))
+                          for r in path_runs))
 
     summary = []
     for path in ("fp32", "auto"):
         result = ours[path]
+        versus = "-"
+        if seed:
+            versus = (f"seed {seed['recipe_seconds']:.0f} / {seed['wall_seconds']:.0f} / "
+                      f"{seed['test_accuracy']:.4f} "
+                      f"({seed['wall_seconds'] / result['wall_seconds']:.1f}x)")
         summary.append(["train_vs_seed", f"default, --precision {path} ({result['precision']}) "
                         f"vs seed: recipe s / process s / test acc",
                         f"{result['recipe_seconds']:.1f} / {result['wall_seconds']:.1f} / "
-                        f"{result['test_accuracy']:.4f}",
-                        f"seed {seed['recipe_seconds']:.0f} / {seed['wall_seconds']:.0f} / "
-                        f"{seed['test_accuracy']:.4f} ("
-                        f"{seed['wall_seconds'] / result['wall_seconds']:.1f}x)" if seed else "-"])
+                        f"{result['test_accuracy']:.4f}", versus])
     for path in ("fp32", "auto") if strong else ():
         result = strong[path]
         summary.append(["train_vs_seed", f"airbench, --precision {path} ({result['precision']})"

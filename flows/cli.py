@@ -171,13 +171,15 @@ def list_endpoints(
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
 ) -> None:
-    """Pipeline-owned endpoints with their status, age and owner."""
+    """Pipeline-owned endpoints with their status, age and owner; "kept" marks those kept with
+    --keep-endpoint, which the reaper never deletes."""
     with _backend_errors():
         endpoints = _backend(backend, region).list_endpoints()
     now = dt.datetime.now(dt.UTC)
     rows = [{"name": e.name, "status": e.status, "created": e.created.isoformat(),
              "age_minutes": round((now - e.created).total_seconds() / 60, 1),
-             "owner": e.tags.get("owner", ""), "url": e.url} for e in endpoints]
+             "owner": e.tags.get("owner", ""), "kept": e.kept, "url": e.url}
+            for e in endpoints]
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -186,7 +188,7 @@ def list_endpoints(
         return
     for row in rows:
         typer.echo(f"{row['name']:<24} {row['status']:<10} {row['age_minutes']:>8.1f} min  "
-                   f"{row['owner']}  {row['url'] or ''}")
+                   f"{'kept  ' if row['kept'] else ''}{row['owner']}  {row['url'] or ''}")
 
 
 @endpoints_app.command("delete")
@@ -195,7 +197,8 @@ def delete(
     backend: Backend = "local",
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
 ) -> None:
-    """Delete an endpoint with its config and model (a missing one is not an error)."""
+    """Delete an endpoint with its config and model, kept or not (a missing one is not an
+    error)."""
     with _backend_errors():
         deleted = _backend(backend, region).delete_endpoint(name)
     typer.echo(f"{name}: {'deleted' if deleted else 'not found (nothing to delete)'}")
@@ -208,7 +211,8 @@ def reap(
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
     dry_run: Annotated[bool, typer.Option(help="only say what would be deleted")] = False,
 ) -> None:
-    """Delete pipeline-owned endpoints older than a TTL (what a crashed run left behind)."""
+    """Delete pipeline-owned endpoints older than a TTL (what a crashed run left behind);
+    endpoints kept with --keep-endpoint are left alone."""
     from backends.reaper import reap_endpoints
 
     ttl = parse_duration(older_than)
@@ -217,8 +221,9 @@ def reap(
     verb = "would delete" if dry_run else "deleted"
     for name in report.deleted:
         typer.echo(f"{verb} {name}")
-    typer.echo(f"{len(report.deleted)} {verb}, {len(report.kept)} younger than {older_than} "
-               f"kept")
+    kept = f", {len(report.kept_by_user)} kept by choice" if report.kept_by_user else ""
+    typer.echo(f"{len(report.deleted)} {verb}, {len(report.younger)} younger than {older_than} "
+               f"kept{kept}")
 
 
 def main() -> None:

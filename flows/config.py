@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.base import Backend
+from backends.base import Backend, ConfigurationError
 from backends.settings import state_dir
 from model_src.cifar import whole_if_integral
 from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL
@@ -88,6 +88,18 @@ class PipelineConfig(_Section):
     endpoint: EndpointSettings = EndpointSettings()
     smoke_test: SmokeTestSettings = SmokeTestSettings()
     aws: AwsSettings = AwsSettings()
+
+    @model_validator(mode="after")
+    def _x86_instances_on_aws(self) -> PipelineConfig:
+        if self.backend == "aws":
+            from backends.aws.images import check_x86
+
+            try:
+                for instance_type in (self.training.instance_type, self.endpoint.instance_type):
+                    check_x86(instance_type)
+            except ConfigurationError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     def instance_types(self) -> tuple[str, str]:
         """(training, hosting) instance types; the local backend runs on this machine."""

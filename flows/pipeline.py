@@ -17,7 +17,7 @@ from prefect import Flow, State, flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as current_flow_run
 
-from backends.base import Backend, EndpointSpec, TrainingSpec, managed_tags
+from backends.base import NAME_PREFIX, Backend, EndpointSpec, TrainingSpec, managed_tags
 from flows.config import PipelineConfig, data_root, get_backend
 from tasks.data import download_data, preview_data
 from tasks.endpoint import delete_endpoint, deploy, smoke_predict
@@ -41,7 +41,7 @@ class EndpointNotDeleted(RuntimeError):
 def resource_name(run_id: str) -> str:
     """Training job and endpoint name for a flow run: deterministic, so a retried task finds
     the job its first attempt started, and a hook in another process finds the endpoint."""
-    return f"cifar10-{run_id.replace('-', '')[:12]}"
+    return f"{NAME_PREFIX}{run_id.replace('-', '')[:12]}"
 
 
 def _run_name() -> str:
@@ -99,6 +99,8 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = resource_name(run_id)
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
+    # A kept endpoint is marked, so that the reaper never deletes it.
+    endpoint_tags = managed_tags(owner=f"prefect-flow-run/{run_id}", kept=config.endpoint.keep)
     timings: dict[str, float] = {}
     training_instance, hosting_instance = config.instance_types()
 
@@ -124,7 +126,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
             endpoint = deploy(backend, EndpointSpec(
                 name=name, model_uri=training.model_uri,
                 instance_type=hosting_instance,
-                instance_count=config.endpoint.instance_count, tags=tags,
+                instance_count=config.endpoint.instance_count, tags=endpoint_tags,
             ))
         with stage(timings, "smoke_predict"):
             smoke = smoke_predict(backend, name, dataset, config.smoke_test.images,

@@ -35,5 +35,9 @@ def reap_endpoints_flow(
     report = reap_endpoints(target, dt.timedelta(minutes=older_than_minutes), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     logger().info("%s %d endpoint(s) older than %d min: %s; kept %d", verb, len(report.deleted),
-                  older_than_minutes, ", ".join(report.deleted) or "none", len(report.kept))
-    return {"deleted": report.deleted, "kept": report.kept, "dry_run": dry_run}
+                  older_than_minutes, ", ".join(report.deleted) or "none", len(report.younger))
+    if report.kept_by_user:
+        logger().info("left %d endpoint(s) the user chose to keep: %s", len(report.kept_by_user),
+                      ", ".join(report.kept_by_user))
+    return {"deleted": report.deleted, "younger": report.younger,
+            "kept_by_user": report.kept_by_user, "dry_run": dry_run}

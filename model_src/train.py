@@ -182,6 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass: bf16 autocast or fp32; auto picks bf16 "
                         "only where the hardware has it natively")
+    p.add_argument("--checkpoint-dir", "--checkpoint_dir", default=default_checkpoint_dir(),
+                   help="where a checkpoint is saved after every epoch and resumed from when "
+                        "the job starts again (a spot interruption); default: "
+                        f"${CHECKPOINT_ENV}, else {SAGEMAKER_CHECKPOINTS} when it exists")
     p.add_argument("--workers", type=int, default=0,
                    help="accepted for compatibility; data is already in memory as tensors")
     p.add_argument("--dist-backend", "--dist_backend", default="auto",
@@ -223,8 +227,11 @@ def init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[in
     backend = args.dist_backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    master_addr = os.environ.get("MASTER_ADDR", args.hosts[0])
-    master_port = os.environ.get("MASTER_PORT", "29500")
+    # MASTER_*: torchrun and the local backend; SM_MASTER_*: SageMaker's training drivers.
+    master_addr = (os.environ.get("MASTER_ADDR") or os.environ.get("SM_MASTER_ADDR")
+                   or args.hosts[0])
+    master_port = (os.environ.get("MASTER_PORT") or os.environ.get("SM_MASTER_PORT")
+                   or "29500")
     print(f"joining {backend} process group as rank {rank}/{world_size} "
           f"via {master_addr}:{master_port}", flush=True)
     dist.init_process_group(
@@ -258,6 +265,8 @@ class Run:
     total_steps: int
     augment_generator: torch.Generator
     started: float
+    checkpoint: Path | None  # the file saved after every epoch, None: no checkpoints
+    resumed: dict | None = None  # what an earlier, interrupted process of this job had done
 
     @property
     def bf16(self) -> bool:
@@ -306,12 +315,16 @@ def set_up(args: argparse.Namespace) -> Run:
     # The plan, for progress bars and for the reader of the log.
     print(f"precision={precision}; ({why})", flush=True)
     log_metrics(epochs=args.epochs, total_steps=total_steps)
-    return Run(args=args, recipe=recipe, device=device, precision=precision,
-               precision_reason=why, rank=rank, world_size=world_size, data=data, mean=mean,
-               std=std, model=model, net=net, optimizer=optimizer, sampler=sampler,
-               total_steps=total_steps,
-               augment_generator=torch.Generator().manual_seed(args.seed * 1000 + rank),
-               started=started)
+    run = Run(args=args, recipe=recipe, device=device, precision=precision,
+              precision_reason=why, rank=rank, world_size=world_size, data=data, mean=mean,
+              std=std, model=model, net=net, optimizer=optimizer, sampler=sampler,
+              total_steps=total_steps,
+              augment_generator=torch.Generator().manual_seed(args.seed * 1000 + rank),
+              started=started,
+              checkpoint=Path(args.checkpoint_dir) / CHECKPOINT_FILE
+              if args.checkpoint_dir else None)
+    resume(run)
+    return run
 
 
 def train_epoch(run: Run, epoch: int, step: int) -> dict:
@@ -380,15 +393,18 @@ def weights_digest(model: nn.Module) -> str:
 def train(args: argparse.Namespace) -> tuple[Run, dict]:
     """Trains as planned; (the run, its metrics)."""
     run = set_up(args)
-    history, step = [], 0
-    for epoch in range(1, math.ceil(args.epochs) + 1):
+    history = list(run.resumed["history"]) if run.resumed else []
+    step = run.resumed["step"] if run.resumed else 0
+    for epoch in range(len(history) + 1, math.ceil(args.epochs) + 1):
         record = train_epoch(run, epoch, step)
         step = record["steps"]
         history.append(record)
         log_metrics(**record)
+        save_checkpoint(run, history, step)
     test_loss, test_accuracy = evaluate(run.model, run.data["test_x"], run.data["test_y"],
                                         run.device, run.bf16)
-    train_seconds = time.perf_counter() - run.started
+    train_seconds = time.perf_counter() - run.started + (
+        run.resumed["seconds"] if run.resumed else 0.0)
     log_metrics(test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=train_seconds)
     metrics = {
         "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -399,10 +415,75 @@ def train(args: argparse.Namespace) -> tuple[Run, dict]:
         "history": history, "test_loss": test_loss,
         "test_accuracy": test_accuracy, "train_seconds": train_seconds,
         "weights_sha256": weights_digest(run.model),
+        "resumed_after_epoch": len(run.resumed["history"]) if run.resumed else None,
     }
     if run.world_size > 1:
         dist.destroy_process_group()
     return run, metrics
+
+
+# -- checkpoints: a spot interruption resumes where it stopped ---------------------------------
+
+CHECKPOINT_ENV = "CIFAR10_CHECKPOINT_DIR"  # the local backend's per-job checkpoint directory
+# SageMaker syncs this directory with CheckpointConfig's S3 URI, and restores it on restart.
+SAGEMAKER_CHECKPOINTS = "/opt/ml/checkpoints"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def default_checkpoint_dir() -> str | None:
+    if os.environ.get(CHECKPOINT_ENV):
+        return os.environ[CHECKPOINT_ENV]
+    return SAGEMAKER_CHECKPOINTS if Path(SAGEMAKER_CHECKPOINTS).is_dir() else None
+
+
+def plan(run: Run) -> dict:
+    """What a checkpoint must match to be resumed: the same recipe on the same hosts."""
+    args = run.args
+    return {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "momentum": args.momentum, "seed": args.seed,
+            "precision": run.precision, "hosts": run.world_size,
+            "images": len(run.data["train_x"])}
+
+
+def save_checkpoint(run: Run, history: list[dict], step: int) -> None:
+    """After an epoch: everything the next epochs depend on (weights, buffers, momentum, the
+    random generators), written whole or not at all. Rank 0's is every rank's: they are equal."""
+    if run.checkpoint is None or run.rank != 0:
+        return
+    state = {
+        "plan": plan(run), "history": history, "step": step,
+        "seconds": time.perf_counter() - run.started
+        + (run.resumed["seconds"] if run.resumed else 0.0),
+        "model": run.model.state_dict(), "momentum": run.optimizer.buffers,
+        "augment_generator": run.augment_generator.get_state(),
+        "torch_generator": torch.get_rng_state(),
+    }
+    run.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    partial = run.checkpoint.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, run.checkpoint)
+
+
+def resume(run: Run) -> None:
+    """Continues from the checkpoint an interrupted process of this job left, if it was
+    training the same plan; a different one is ignored, and said so."""
+    if run.checkpoint is None or not run.checkpoint.is_file():
+        return
+    state = torch.load(run.checkpoint, map_location=run.device, weights_only=True)
+    if state.get("plan") != plan(run):
+        print(f"ignoring the checkpoint in {run.checkpoint.parent}: it was saved for another "
+              f"plan ({state.get('plan')})", flush=True)
+        return
+    run.model.load_state_dict(state["model"])
+    with torch.no_grad():
+        for buffer, saved in zip(run.optimizer.buffers, state["momentum"], strict=True):
+            buffer.copy_(saved)
+    run.augment_generator.set_state(state["augment_generator"])
+    torch.set_rng_state(state["torch_generator"])
+    run.resumed = {"history": state["history"], "step": state["step"],
+                   "seconds": state["seconds"]}
+    print(f"resuming after epoch {len(state['history'])} (step {state['step']}) from "
+          f"{run.checkpoint}", flush=True)
 
 
 # -- the model artifact ------------------------------------------------------------------------

@@ -182,6 +182,18 @@ def test_aws_errors_are_translated_into_actionable_messages():
                                    "Please ensure that the role exists and allows principal "
                                    "'sagemaker.amazonaws.com' to assume the role."), "x")
     assert isinstance(trust, ConfigurationError) and "trust policy" in str(trust)
+    # CreateModel's message for an artifact the role cannot read names the role and
+    # sts:AssumeRole too; the cause is S3 access (or a bucket in another region).
+    model_data = translate(client_error(
+        "ValidationException", f"Could not access model data at s3://{BUCKET}/m/model.tar.gz. "
+        f"Please ensure that the role \"{ROLE_ARN}\" exists and that its trust relationship "
+        "policy allows the action \"sts:AssumeRole\" for the service principal "
+        "\"sagemaker.amazonaws.com\". Also ensure that the role has \"s3:GetObject\" "
+        "permissions and that the object is located in us-east-1."), "creating model m")
+    assert isinstance(model_data, ConfigurationError)
+    assert "cannot read the model artifact" in str(model_data)
+    assert "s3:GetObject" in str(model_data) and "region" in str(model_data)
+    assert "cannot assume the execution role" not in str(model_data)
     quota = translate(client_error("ResourceLimitExceeded", "The account-level service limit "
                                    "'ml.p3.2xlarge for training job usage' is 0"), "x")
     assert "Service Quotas" in str(quota)

@@ -85,10 +85,15 @@ def calls_of(recorder) -> list[str]:
 
 
 def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
-        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, sagemaker_stand_in,
-        trained_model, cifar_dir):
+        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, request_validator,
+        sagemaker_stand_in, trained_model, cifar_dir):
     state = cifar10_pipeline(aws_config(http_server, cifar_tarball), return_state=True)
     assert state.is_completed(), state.message
+    # Every request of the run (SageMaker, S3, CloudWatch Logs, the runtime) is one the real
+    # APIs accept: lengths, enums and patterns included, which moto does not check.
+    assert request_validator.violations == []
+    assert {c.split(".")[0] for c in request_validator.checked} == {
+        "sagemaker", "sagemaker-runtime", "s3", "logs"}
     summary = state.result()
     run_id = str(state.state_details.flow_run_id)
     name = resource_name(run_id)
@@ -191,7 +196,7 @@ def test_reaper_on_aws_deletes_only_old_pipeline_owned_endpoints(prefect_harness
     report = reap_endpoints_flow(backend="aws", older_than_minutes=60,
                                  aws=AwsSettings(region=REGION))
     assert report["deleted"] == ["cifar10-old"] and report["dry_run"] is False
-    assert sorted(report["kept"]) == ["cifar10-untimed", "cifar10-young"]
+    assert sorted(report["younger"]) == ["cifar10-untimed", "cifar10-young"]
     left = {k: sorted(v) for k, v in aws.sagemaker_resources().items()}
     survivors = sorted(["cifar10-young", "cifar10-untimed", "someone-elses-old",
                         "other-tool-old"])
@@ -226,7 +231,7 @@ def test_reaper_on_aws_deletes_configs_and_models_a_failed_teardown_left(aws, sa
     assert {o.status for o in backend.list_orphans()} == {"Orphaned"}
     report = reap_endpoints(backend, dt.timedelta(hours=1))
     assert sorted(report.deleted) == ["cifar10-model-only", "cifar10-orphan-old", "cifar10-whole"]
-    assert report.kept == ["cifar10-orphan-young"]
+    assert report.younger == ["cifar10-orphan-young"]
     left = {kind: sorted(names) for kind, names in aws.sagemaker_resources().items()}
     assert left == {"endpoints": [],
                     "endpoint_configs": ["cifar10-orphan-young", "other-tool-orphan"],

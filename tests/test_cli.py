@@ -50,16 +50,21 @@ def test_epochs_reach_the_entry_script_as_written(epochs, passed):
 
 def test_endpoint_commands_list_delete_and_reap(model_uri):
     backend = LocalBackend()
-    for name in ("cli-old", "cli-young"):
+    names = ("cli-old", "cli-young", "cli-kept")
+    for name in names:
         backend.deploy(EndpointSpec(name=name, model_uri=model_uri,
-                                    tags=managed_tags("pytest")))
+                                    tags=managed_tags("pytest", kept=name == "cli-kept")))
     try:
         listed = json.loads(runner.invoke(app, ["endpoints", "list", "--json"]).stdout)
-        assert {row["name"] for row in listed} >= {"cli-old", "cli-young"}
+        assert {row["name"] for row in listed} >= set(names)
         assert all(row["status"] == "InService" for row in listed)
+        assert {row["name"]: row["kept"] for row in listed if row["name"] in names} == {
+            "cli-old": False, "cli-young": False, "cli-kept": True}
+        assert "kept" in next(line for line in runner.invoke(
+            app, ["endpoints", "list"]).stdout.splitlines() if line.startswith("cli-kept"))
 
         dry = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s", "--dry-run"])
-        assert "would delete cli-old" in dry.stdout
+        assert "would delete cli-old" in dry.stdout and "cli-kept" not in dry.stdout
         assert backend.describe_endpoint("cli-old") is not None
 
         assert "cli-old: deleted" in runner.invoke(app, ["endpoints", "delete", "cli-old"]).stdout
@@ -67,12 +72,16 @@ def test_endpoint_commands_list_delete_and_reap(model_uri):
         assert again.exit_code == 0 and "not found" in again.stdout
 
         kept = runner.invoke(app, ["endpoints", "reap", "--older-than", "1h"])
-        assert "0 deleted, 1 younger than 1h kept" in kept.stdout
+        assert "0 deleted, 1 younger than 1h kept, 1 kept by choice" in kept.stdout
         reaped = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s"])
         assert "deleted cli-young" in reaped.stdout
+        # A kept endpoint outlives any TTL; deleting it by name still works.
+        assert [e.name for e in backend.list_endpoints()] == ["cli-kept"]
+        assert "cli-kept: deleted" in runner.invoke(
+            app, ["endpoints", "delete", "cli-kept"]).stdout
         assert backend.list_endpoints() == []
     finally:
-        for name in ("cli-old", "cli-young"):
+        for name in names:
             backend.delete_endpoint(name)
 
 

@@ -332,3 +332,55 @@ def test_tutorial_channels_last_padding_keeps_values_and_gradients():
     for a, b in zip(padded_grads, plain_grads, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def larger_data(tmp_path_factory) -> Path:
+    """Enough images for an epoch to take a moment: a kill lands inside the training."""
+    from tests.support.synthetic import make_cifar_dir
+
+    return make_cifar_dir(tmp_path_factory.mktemp("larger"), train_batches=5, per_batch=1000)
+
+
+def test_an_interrupted_job_resumes_from_its_checkpoint_to_the_same_result(tmp_path,
+                                                                           larger_data):
+    """A spot interruption: SageMaker starts the job again with its checkpoint directory
+    restored. Killed after its first epoch, the job resumes there and ends with exactly the
+    weights of a run that was never interrupted."""
+    args = ["--epochs", "3", "--batch-size", "16", "--lr", "0.02", "--precision", "fp32"]
+    _, whole = train_and_read_metrics(tmp_path / "whole", larger_data, args)
+    assert whole["resumed_after_epoch"] is None
+
+    root, checkpoints = tmp_path / "interrupted", tmp_path / "checkpoints"
+    env = {**sagemaker_env(root, larger_data), "CIFAR10_CHECKPOINT_DIR": str(checkpoints)}
+    process = subprocess.Popen([sys.executable, str(ENTRY_SCRIPT), *args], env=env, cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch=1;"):
+            process.kill()  # SIGKILL: nothing is flushed or cleaned up
+            break
+    process.wait(timeout=60)
+    process.stdout.close()
+    assert process.returncode == -9
+    assert (checkpoints / "checkpoint.pt").is_file()
+    assert not (root / "output/data/metrics.json").exists()
+
+    result, resumed = train_and_read_metrics(root, larger_data, args)  # started again
+    assert re.search(r"^resuming after epoch [12] ", result.stdout, re.MULTILINE)
+    assert resumed["resumed_after_epoch"] in (1, 2)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+
+
+def test_a_checkpoint_of_another_plan_is_not_resumed(tmp_path, cifar_dir):
+    checkpoints = tmp_path / "checkpoints"
+    env_args = ["--epochs", "1", "--batch-size", "16", "--lr", "0.02",
+                "--checkpoint-dir", str(checkpoints)]
+    train_and_read_metrics(tmp_path / "first", cifar_dir, env_args)
+    assert (checkpoints / "checkpoint.pt").is_file()
+    result, metrics = train_and_read_metrics(tmp_path / "second", cifar_dir,
+                                             [*env_args[:-2], "--lr", "0.03",
+                                              "--checkpoint-dir", str(checkpoints)])
+    assert "ignoring the checkpoint" in result.stdout
+    assert metrics["resumed_after_epoch"] is None

@@ -92,6 +92,7 @@ def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tar
         assert summary.endpoint.kept is True
         info = backend.describe_endpoint(summary.endpoint.name)
         assert info.status == "InService"
+        assert info.kept  # marked, so that the reaper leaves it alone
     finally:
         backend.delete_endpoint(summary.endpoint.name)
 

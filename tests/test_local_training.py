@@ -62,6 +62,8 @@ def test_job_directory_has_the_sagemaker_layout(backend, completed):
     assert (host / "input" / "data" / "training" / "test_batch").is_file()
     assert (host / "code" / "train.py").is_file()
     assert (host / "output" / "data" / "metrics.json").is_file()
+    # The job's checkpoint directory, as SageMaker gives a spot job's: one per job.
+    assert (host.parent / "checkpoints" / "checkpoint.pt").is_file()
 
 
 def test_job_is_described_from_another_process(backend, completed):

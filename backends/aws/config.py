@@ -39,6 +39,10 @@ class AwsOptions:
     poll_seconds: float = 10.0  # DescribeTrainingJob / DescribeEndpoint / log polling
     training_wait_slack_seconds: float = 3600.0  # beyond the job's own stopping condition
     deploy_timeout_seconds: float = 1800.0  # endpoints usually take 4-10 minutes
+    # How long a delete waits for an endpoint still being created or updated (which SageMaker
+    # refuses to delete): a container failing its health checks keeps it Creating for about
+    # an hour before it turns Failed.
+    delete_wait_seconds: float = 3900.0
     validate_role: bool = False  # let the SDK simulate the role's policy (iam:Simulate...)
 
     @classmethod

@@ -89,6 +89,14 @@ def translate(error: BaseException, doing: str) -> BaseException:
     if code in BAD_CREDENTIALS_CODES:
         return ConfigurationError(f"{doing}: AWS rejected the credentials ({code}: {message}); "
                                   f"refresh them (`aws sso login`, new keys). See {DOCS}.")
+    if "could not access model data" in message.lower():
+        # CreateModel: "Could not access model data at s3://.... Please ensure that the role
+        # "arn:..." exists and that its trust relationship policy allows the action
+        # "sts:AssumeRole" ..." names the role and AssumeRole, but the cause is reading S3.
+        return ConfigurationError(
+            f"{doing}: SageMaker cannot read the model artifact: {message} — the execution "
+            f"role needs s3:GetObject on it (and kms:Decrypt if the bucket is encrypted with "
+            f"a KMS key), and the bucket must be in the endpoint's region (policies in {DOCS})")
     if "assume" in message.lower() and "role" in message.lower():
         # CreateTrainingJob/CreateModel: "Could not assume role arn:... Please ensure that the
         # role exists and allows principal 'sagemaker.amazonaws.com' to assume the role."

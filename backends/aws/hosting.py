@@ -14,8 +14,10 @@ import datetime as dt
 from time import monotonic
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from backends.aws.config import AwsOptions
-from backends.aws.errors import aws_errors, unless_missing
+from backends.aws.errors import aws_errors, error_code, is_not_found, unless_missing
 from backends.aws.images import pytorch_image
 from backends.aws.s3 import object_exists
 from backends.aws.session import AwsSession
@@ -23,6 +25,8 @@ from backends.base import (
     CREATED_KEY,
     MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
+    NAME_PREFIX,
+    OWNER_KEY,
     VARIANT,
     BackendError,
     EndpointExists,
@@ -34,6 +38,8 @@ from backends.base import (
 from backends.polling import poll
 
 FAILED = {"Failed", "OutOfService", "Deleting", "UpdateRollbackFailed"}
+# States in which SageMaker refuses DeleteEndpoint; each ends by itself.
+BUSY = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
 
 
 class AwsEndpoints:
@@ -68,32 +74,28 @@ class AwsEndpoints:
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         tag_map = {**spec.tags, CREATED_KEY: created}
         tags = [{"Key": k, "Value": v} for k, v in tag_map.items()]
+        owner = spec.tags.get(OWNER_KEY, "")
         try:
-            with aws_errors(f"creating model {spec.name}"):
-                self.sm.create_model(
-                    ModelName=spec.name, ExecutionRoleArn=role, Tags=tags,
-                    PrimaryContainer={"Image": image, "ModelDataUrl": spec.model_uri,
-                                      # The PyTorch inference toolkit imports the handlers
-                                      # from code/inference.py of model.tar.gz by default.
-                                      "Environment": {
-                                          "SAGEMAKER_REGION": self.aws.region,
-                                          "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                                          **spec.environment,
-                                      }},
-                )
-            with aws_errors(f"creating endpoint config {spec.name}"):
-                self.sm.create_endpoint_config(
-                    EndpointConfigName=spec.name, Tags=tags,
-                    ProductionVariants=[{
-                        "VariantName": VARIANT, "ModelName": spec.name,
-                        "InstanceType": spec.instance_type,
-                        "InitialInstanceCount": spec.instance_count,
-                        "InitialVariantWeight": 1.0,
-                    }],
-                )
-            with aws_errors(f"creating endpoint {spec.name}"):
-                self.sm.create_endpoint(EndpointName=spec.name, EndpointConfigName=spec.name,
-                                        Tags=tags)
+            self._create("model", spec.name, owner, self.sm.create_model,
+                         ModelName=spec.name, ExecutionRoleArn=role, Tags=tags,
+                         PrimaryContainer={"Image": image, "ModelDataUrl": spec.model_uri,
+                                           # The PyTorch inference toolkit imports the handlers
+                                           # from code/inference.py of model.tar.gz by default.
+                                           "Environment": {
+                                               "SAGEMAKER_REGION": self.aws.region,
+                                               "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                                               **spec.environment,
+                                           }})
+            self._create("endpoint config", spec.name, owner, self.sm.create_endpoint_config,
+                         EndpointConfigName=spec.name, Tags=tags,
+                         ProductionVariants=[{
+                             "VariantName": VARIANT, "ModelName": spec.name,
+                             "InstanceType": spec.instance_type,
+                             "InitialInstanceCount": spec.instance_count,
+                             "InitialVariantWeight": 1.0,
+                         }])
+            self._create("endpoint", spec.name, owner, self.sm.create_endpoint,
+                         EndpointName=spec.name, EndpointConfigName=spec.name, Tags=tags)
             emit(f"endpoint {spec.name}: creating ({spec.instance_count} x "
                  f"{spec.instance_type}, image {image})")
             described = self._wait_in_service(spec.name, emit)
@@ -107,6 +109,34 @@ class AwsEndpoints:
             instance_type=spec.instance_type, url=None,
             extra={"arn": described["EndpointArn"], "endpoint_config": spec.name,
                    "models": [spec.name]})
+
+    def _create(self, kind: str, name: str, owner: str, call: Any, **params: Any) -> None:
+        """One Create call. botocore retries a call whose answer was lost (a timeout, a 5xx),
+        and the retry finds what the first attempt created: "Cannot create already existing
+        ...". That resource is this call's own when it is named so and tagged with this run
+        as its owner: success, not a failure that would tear the deploy down."""
+        doing = f"creating {kind} {name}"
+        with aws_errors(doing):
+            try:
+                call(**params)
+            except ClientError as e:
+                message = str(e.response.get("Error", {}).get("Message", "")).lower()
+                if "already exist" not in message or not self._owned_by(kind, name, owner):
+                    raise
+
+    def _owned_by(self, kind: str, name: str, owner: str) -> bool:
+        """Whether the ``kind`` called ``name`` carries the pipeline's tags with ``owner``."""
+        describe, arn_key = {
+            "model": (lambda: unless_missing(f"describing model {name}",
+                                             self.sm.describe_model, ModelName=name),
+                      "ModelArn"),
+            "endpoint config": (lambda: self._describe_config(name), "EndpointConfigArn"),
+            "endpoint": (lambda: self._describe_endpoint(name), "EndpointArn"),
+        }[kind]
+        described = describe()
+        tags = self._tags(described[arn_key]) if described else None
+        return bool(owner) and tags is not None and \
+            tags.get(MANAGED_BY_KEY) == MANAGED_BY_VALUE and tags.get(OWNER_KEY) == owner
 
     def _wait_in_service(self, name: str, emit: LogCallback) -> dict[str, Any]:
         started = monotonic()
@@ -172,11 +202,10 @@ class AwsEndpoints:
 
     def list(self) -> list[EndpointInfo]:
         """The pipeline's endpoints in this region (tagged managed-by=cifar10-pipeline), in
-        every status: one ListEndpoints walk plus ListTags per endpoint."""
+        every status: the endpoints named like the pipeline's, and ListTags for each."""
         found = []
         with aws_errors("listing endpoints"):
-            pages = self.sm.get_paginator("list_endpoints").paginate()
-            summaries = [s for page in pages for s in page.get("Endpoints", [])]
+            summaries = self._walk("list_endpoints", "Endpoints", "EndpointName")
         for summary in summaries:
             tags = self._tags(summary["EndpointArn"])
             if tags is None or tags.get(MANAGED_BY_KEY) != MANAGED_BY_VALUE:
@@ -187,21 +216,26 @@ class AwsEndpoints:
                                     summary["EndpointName"], tags))
         return found
 
-    def _walk(self, operation: str, key: str) -> list[dict[str, Any]]:
-        """Every item of a paginated List call."""
-        pages = self.sm.get_paginator(operation).paginate()
-        return [item for page in pages for item in page.get(key, [])]
+    def _walk(self, operation: str, key: str, name_key: str) -> list[dict[str, Any]]:
+        """Every item of a paginated List call named like the pipeline's resources: narrowed
+        by AWS (NameContains) and checked here, before anything asks for their tags (a large
+        account has thousands of models, and ListTags for each would be slow and throttled)."""
+        pages = self.sm.get_paginator(operation).paginate(NameContains=NAME_PREFIX)
+        return [item for page in pages for item in page.get(key, [])
+                if item[name_key].startswith(NAME_PREFIX)]
 
     def orphans(self) -> list[EndpointInfo]:
         """The pipeline's endpoint configs and models whose endpoint is gone (a teardown that
         failed after DeleteEndpoint, a deploy killed between its Create calls): invisible to
         ``list``, so the reaper asks for them too. One per name (config and model share it)."""
         with aws_errors("listing endpoints, endpoint configs and models"):
-            endpoints = {s["EndpointName"] for s in self._walk("list_endpoints", "Endpoints")}
+            endpoints = {s["EndpointName"]
+                         for s in self._walk("list_endpoints", "Endpoints", "EndpointName")}
             parts = [(c["EndpointConfigName"], c["EndpointConfigArn"], c["CreationTime"])
-                     for c in self._walk("list_endpoint_configs", "EndpointConfigs")]
+                     for c in self._walk("list_endpoint_configs", "EndpointConfigs",
+                                         "EndpointConfigName")]
             parts += [(m["ModelName"], m["ModelArn"], m["CreationTime"])
-                      for m in self._walk("list_models", "Models")]
+                      for m in self._walk("list_models", "Models", "ModelName")]
         found: dict[str, EndpointInfo] = {}
         for name, arn, creation_time in parts:
             if name in endpoints or name in found:
@@ -218,33 +252,91 @@ class AwsEndpoints:
 
     def delete(self, name: str) -> bool:
         """Deletes the endpoint, its endpoint config and its models. Idempotent: whatever is
-        already gone is skipped; True when anything was deleted. Also cleans up after a
-        deploy that died between its Create calls (config and model named like the endpoint,
-        no endpoint)."""
+        already gone is skipped; True when anything was deleted. An endpoint still being
+        created or updated cannot be deleted yet: the wait for it is bounded
+        (``delete_wait_seconds``). The config and the models are deleted even when the
+        endpoint could not be (and after a deploy that died between its Create calls: named
+        like the endpoint, no endpoint); the first failure is raised after all were tried."""
         deleted = False
+        failures: list[Exception] = []
         config_name = name
         described = self._describe_endpoint(name)
         if described is not None:
             config_name = described.get("EndpointConfigName") or name
-            if described["EndpointStatus"] != "Deleting":
-                deleted |= self._delete("endpoint", name, self.sm.delete_endpoint,
-                                        EndpointName=name)
-        config = self._describe_config(config_name)
+            try:
+                deleted |= self._delete_endpoint(name, described)
+            except Exception as e:
+                failures.append(e)
         models = [name]
-        if config is not None:
-            models = [v["ModelName"] for v in config.get("ProductionVariants", [])
-                      if v.get("ModelName")] or [name]
-            deleted |= self._delete("endpoint config", config_name,
-                                    self.sm.delete_endpoint_config,
-                                    EndpointConfigName=config_name)
+        try:
+            config = self._describe_config(config_name)
+            if config is not None:
+                models = [v["ModelName"] for v in config.get("ProductionVariants", [])
+                          if v.get("ModelName")] or [name]
+                deleted |= self._delete("endpoint config", config_name,
+                                        self.sm.delete_endpoint_config,
+                                        EndpointConfigName=config_name)
+        except Exception as e:
+            failures.append(e)
         for model in dict.fromkeys(models):
-            deleted |= self._delete("model", model, self.sm.delete_model, ModelName=model)
+            try:
+                deleted |= self._delete("model", model, self.sm.delete_model, ModelName=model)
+            except Exception as e:
+                failures.append(e)
+        if failures:
+            first = failures[0]
+            for other in failures[1:]:
+                first.add_note(f"also: {other}")
+            raise first
         return deleted
+
+    def _delete_endpoint(self, name: str, described: dict[str, Any]) -> bool:
+        """DeleteEndpoint, once the endpoint is in a state that allows it. SageMaker refuses
+        it while the endpoint is Creating or Updating (minutes; close to an hour for a
+        container that keeps failing its health check), and an endpoint left so bills."""
+        latest: dict[str, Any] | None = described
+        status = described["EndpointStatus"]
+
+        def attempt() -> bool | None:
+            nonlocal latest, status
+            current = latest if latest is not None else self._describe_endpoint(name)
+            latest = None  # the next attempt asks again
+            if current is None or current["EndpointStatus"] == "Deleting":
+                return False  # gone, or already going
+            status = current["EndpointStatus"]
+            if status in BUSY:
+                return None
+            with aws_errors(f"deleting endpoint {name}"):
+                try:
+                    self.sm.delete_endpoint(EndpointName=name)
+                except ClientError as e:
+                    if is_not_found(e):
+                        return False
+                    if error_code(e) == "ValidationException" and any(
+                            word in str(e).lower() for word in ("in-progress", "creating",
+                                                                 "updating")):
+                        return None  # it became busy meanwhile (an update): wait again
+                    raise
+            return True
+
+        return poll(attempt, interval=self.options.poll_seconds,
+                    timeout=self.options.delete_wait_seconds,
+                    on_timeout=lambda waited: EndpointNotDeletable(name, status, waited))
 
     @staticmethod
     def _delete(kind: str, name: str, call: Any, **params: str) -> bool:
         """True when deleted, False when there was nothing to delete."""
         return unless_missing(f"deleting {kind} {name}", call, **params) is not None
+
+
+class EndpointNotDeletable(BackendError):
+    def __init__(self, name: str, status: str, waited: float) -> None:
+        super().__init__(
+            f"endpoint {name} cannot be deleted: it is still {status} after {waited:.0f}s of "
+            f"waiting (SageMaker refuses to delete an endpoint while it is being created or "
+            f"updated), and it is billed while it runs. Delete it once it is InService or "
+            f"Failed: `cifar10-pipeline endpoints delete {name} --backend aws`")
+        self.endpoint_name, self.status = name, status
 
 
 def created_at(tags: dict[str, str], creation_time: dt.datetime) -> dt.datetime:

@@ -59,10 +59,22 @@ def mirror_directory(s3: Any, local_dir: Path, bucket: str, prefix: str) -> Uplo
         uploaded += 1
         nbytes += size
     stale = sorted(set(existing) - current)
+    failed: list[dict[str, str]] = []
     with aws_errors(f"deleting stale objects under {where}"):
         for i in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
-            s3.delete_objects(Bucket=bucket, Delete={
+            response = s3.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True})
+            # A 200 answer can still list keys it did not delete (access denied, object lock).
+            failed += response.get("Errors", [])
+    if failed:
+        shown = ", ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
+                          for e in failed[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        hint = (f"; grant {denied_action('', 'DeleteObjects')}"
+                if any(e.get("Code") == "AccessDenied" for e in failed) else "")
+        raise BackendError(
+            f"could not delete {len(failed)} stale object(s) under {where}: {shown}{more}. "
+            f"They would be trained on as part of the channel; delete them{hint}")
     return UploadReport(where, uploaded, skipped, len(stale), nbytes)
 
 

@@ -19,6 +19,7 @@ Stubber; the SDK is pinned below 4.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -100,8 +101,6 @@ class AwsTrainingJobs:
             SourceCode,
             StoppingCondition,
         )
-        from sagemaker.train import ModelTrainer
-
         role = self.options.require_role()
         if not spec.data_uri.startswith("s3://"):
             raise BackendError(f"the aws backend trains from S3; got channel {spec.data_uri} "
@@ -118,7 +117,7 @@ class AwsTrainingJobs:
         doing = f"preparing training job {spec.job_name} (ModelTrainer uploads model_src/)"
         with aws_errors(doing), role_validation(self.options.validate_role):
             try:
-                trainer = ModelTrainer(
+                trainer = staging_in_own_bucket()(
                     sagemaker_session=self.sdk_session(),
                     role=role,
                     training_image=image,
@@ -215,7 +214,7 @@ class AwsTrainingJobs:
                 status = now_status
                 emit(f"training job {name}: {now} ({status[1]}){_status_message(described)}")
             if now in TERMINAL:
-                tail.poll()  # the lines written just before the job ended
+                tail.poll(final=True)  # the lines written just before the job ended
                 return described
             return None
 
@@ -263,6 +262,22 @@ class AwsTrainingJobs:
             except ValueError:
                 pass
         return {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
+
+
+@functools.cache
+def staging_in_own_bucket() -> type:
+    """ModelTrainer, staging the code always in the session's bucket under the key prefix we
+    give it. The SDK otherwise asks IAM (SimulatePrincipalPolicy) whether the role may write
+    anywhere in that bucket and, when the answer is no (the least-privilege role may write only
+    under the pipeline's prefix), stages under the output path's prefix *and* ours:
+    PREFIX/training-jobs/PREFIX/training-jobs/JOB/..."""
+    from sagemaker.train import ModelTrainer
+
+    class PipelineModelTrainer(ModelTrainer):
+        def _resolve_staging_bucket(self) -> tuple[str, None]:
+            return self.sagemaker_session.default_bucket(), None
+
+    return PipelineModelTrainer
 
 
 def billable_seconds(described: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ Layout of a job (``<jobs>/<job-name>/``)::
         model/               SM_MODEL_DIR, packaged as model.tar.gz when the job completes
         output/data/         SM_OUTPUT_DATA_DIR (metrics.json)
         output/failure       the reason, when the script fails
+    checkpoints/             the hosts' checkpoint directory (CIFAR10_CHECKPOINT_DIR)
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class LocalTrainingJobs:
                         ignore=shutil.ignore_patterns(".manifest.json"))
         shutil.copytree(self.source_dir, root / "code",
                         ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
-        for sub in ("model", "output/data", "checkpoints"):
+        for sub in ("model", "output/data"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def _environment(self, root: Path, hyperparameters: dict[str, str], hosts: list[str],
@@ -321,6 +322,9 @@ class LocalTrainingJobs:
             "MASTER_PORT": str(master_port),
             "GLOO_SOCKET_IFNAME": "lo" if sys.platform.startswith("linux") else "lo0",
             "OMP_NUM_THREADS": str(cpus),
+            # One checkpoint directory for all hosts (SageMaker syncs each instance's
+            # /opt/ml/checkpoints with one S3 prefix): rank 0 writes, every rank resumes.
+            "CIFAR10_CHECKPOINT_DIR": str(root.parent / "checkpoints"),
             "PYTHONUNBUFFERED": "1",
         })
         for key, value in hyperparameters.items():

@@ -109,3 +109,21 @@ def sagemaker_stand_in(aws, trained_model, tmp_path, monkeypatch) -> Iterator[Sa
         yield stand_in
     finally:
         stand_in.close()
+
+
+@pytest.fixture
+def on_new_sessions(monkeypatch) -> Callable[[Callable[[Any], None]], None]:
+    """``on_new_sessions(attach)``: ``attach`` hooks every boto3 session the backend makes
+    from now on (botocore event handlers: faults as AWS would produce them)."""
+    return lambda attach: attach_to_new_sessions(monkeypatch, attach)
+
+
+@pytest.fixture
+def request_validator(monkeypatch):
+    """Checks every request the backend's boto3 sessions make from now on against botocore's
+    service models, as strictly as the real APIs do (``aws_validation``)."""
+    from tests.support.aws_validation import RequestValidator
+
+    validator = RequestValidator()
+    attach_to_new_sessions(monkeypatch, validator.attach)
+    return validator
