@@ -100,6 +100,54 @@ class TrainingResult:
     metrics: dict[str, Any]  # the entry script's metrics.json: history, test accuracy...
     billable_seconds: int
     log_location: str  # a file path (local) or a CloudWatch log stream (aws)
+    cached_from: str | None = None  # the earlier job whose model this is (no training ran)
+
+
+# A model version's approval status, SageMaker Model Registry's words.
+APPROVED, REJECTED, PENDING = "Approved", "Rejected", "PendingManualApproval"
+APPROVAL_STATUSES = (APPROVED, REJECTED, PENDING)
+
+
+@dataclass(frozen=True)
+class ModelVersionSpec:
+    """A trained model to register: where it is, what made it, how it did, the decision."""
+
+    group: str
+    model_uri: str
+    training_job: str
+    cache_key: str  # what made it: data, code, hyperparameters, instances, backend
+    status: str  # one of APPROVAL_STATUSES
+    reason: str  # why that status
+    metrics: dict[str, float]  # test_accuracy, test_loss, smoke_accuracy
+    lineage: dict[str, str]  # data_url, data_md5, code_digest, hyperparameters, flow_run_id...
+    image: str | None = None  # the serving image (aws)
+    instance_type: str = "local"  # the hosting instance the smoke test used
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    group: str
+    version: int
+    status: str
+    reason: str
+    created: dt.datetime
+    model_uri: str
+    training_job: str
+    cache_key: str
+    metrics: dict[str, float]
+    lineage: dict[str, str]
+    arn: str | None = None  # aws
+
+    @property
+    def approved(self) -> bool:
+        return self.status == APPROVED
+
+
+def champion(versions: list[ModelVersion]) -> ModelVersion | None:
+    """The approved version with the highest number: the one the team trusts now."""
+    approved = [v for v in versions if v.approved]
+    return max(approved, key=lambda v: v.version) if approved else None
 
 
 @dataclass(frozen=True)
@@ -177,6 +225,40 @@ class Backend(abc.ABC):
         named like their endpoint, so ``delete_endpoint(name)`` removes them. None on backends
         whose endpoints have no separate parts (local: the record holds them)."""
         return []
+
+    # -- the model registry (SageMaker Model Registry; a directory locally) -----------------
+
+    @abc.abstractmethod
+    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
+        """Adds the next version to ``spec.group`` (created when missing): numbers are
+        consecutive and never reused, also under concurrent registrations."""
+
+    @abc.abstractmethod
+    def list_model_versions(self, group: str) -> list[ModelVersion]:
+        """The group's versions, oldest first (empty when the group does not exist)."""
+
+    @abc.abstractmethod
+    def set_model_status(self, group: str, version: int, status: str,
+                         reason: str) -> ModelVersion:
+        """Approves or rejects a version by hand (``BackendError`` when there is none)."""
+
+    def cached_training(self, group: str, cache_key: str) -> TrainingResult | None:
+        """The newest completed training of this pipeline with ``cache_key`` whose model
+        artifact still exists, found through the registry's versions; None when there is none."""
+        for version in sorted(self.list_model_versions(group), key=lambda v: -v.version):
+            if version.cache_key == cache_key and self.artifact_exists(version.model_uri):
+                result = self.training_result(version.training_job)
+                if result is not None and result.model_uri == version.model_uri:
+                    return result
+        return None
+
+    @abc.abstractmethod
+    def artifact_exists(self, uri: str) -> bool:
+        """Whether the object at ``uri`` (s3:// or file://) exists."""
+
+    @abc.abstractmethod
+    def training_result(self, job_name: str) -> TrainingResult | None:
+        """A completed training job's result, None when it is not (or no longer) there."""
 
     @abc.abstractmethod
     def runtime_client(self, endpoint_name: str) -> Any:

@@ -26,6 +26,10 @@ endpoints_app = typer.Typer(help="List, delete and reap endpoints this pipeline 
                                  "(tagged managed-by=cifar10-pipeline).",
                             no_args_is_help=True)
 app.add_typer(endpoints_app, name="endpoints")
+models_app = typer.Typer(help="The model registry: every trained model is a version, approved "
+                              "or rejected by the promotion gate (or by you).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 Backend = Annotated[str, typer.Option("--backend", help="local or aws")]
 
@@ -80,6 +84,9 @@ def run(
     accuracy_floor: Annotated[float, typer.Option(help="fail under this smoke-test "
                                                        "accuracy")] = 0.4,
     keep_endpoint: Annotated[bool, typer.Option(help="leave the endpoint running")] = False,
+    cache: Annotated[bool, typer.Option(help="reuse a completed training with the same data, "
+                                             "code, hyperparameters and instances "
+                                             "(--no-cache trains anew)")] = True,
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
     role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
     bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
@@ -137,7 +144,7 @@ def _config(options: dict[str, Any]) -> PipelineConfig:
     training = {"model": options["model"], "epochs": options["epochs"],
                 "batch_size": options["batch_size"], "learning_rate": options["lr"],
                 "precision": options["precision"],
-                "instance_count": options["instance_count"]}
+                "instance_count": options["instance_count"], "cache": options["cache"]}
     if options["instance_type"]:
         training["instance_type"] = options["instance_type"]
     endpoint: dict[str, Any] = {"keep": options["keep_endpoint"]}
@@ -224,6 +231,84 @@ def reap(
     kept = f", {len(report.kept_by_user)} kept by choice" if report.kept_by_user else ""
     typer.echo(f"{len(report.deleted)} {verb}, {len(report.younger)} younger than {older_than} "
                f"kept{kept}")
+
+
+Group = Annotated[str, typer.Option("--group", help="model package group")]
+
+
+def _versions_table(versions: list, champion_version: int | None) -> list[dict[str, Any]]:
+    return [{"version": v.version, "status": v.status, "champion": v.version == champion_version,
+             "test_accuracy": v.metrics.get("test_accuracy"),
+             "smoke_accuracy": v.metrics.get("smoke_accuracy"),
+             "data_md5": v.lineage.get("data_md5", ""),
+             "code_digest": v.lineage.get("code_digest", ""),
+             "created": v.created.isoformat(timespec="seconds"),
+             "training_job": v.training_job, "reason": v.reason} for v in versions]
+
+
+@models_app.command("list")
+def list_models(
+    backend: Backend = "local",
+    group: Group = "cifar10-pipeline",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+) -> None:
+    """The registered versions, oldest first, with their lineage; * marks the champion (the
+    newest approved version)."""
+    from backends.base import champion
+
+    with _backend_errors():
+        versions = _backend(backend, region).list_model_versions(group)
+    best = champion(versions)
+    rows = _versions_table(versions, best.version if best else None)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no versions in {group}")
+        return
+    typer.echo(f"{'':1} {'version':>7}  {'status':<21} {'test acc':>8} {'smoke':>6}  "
+               f"{'data md5':<10} {'code':<10} {'created':<25} training job")
+    for row in rows:
+        typer.echo(f"{'*' if row['champion'] else ' '} {row['version']:>7}  "
+                   f"{row['status']:<21} {row['test_accuracy'] or 0:>8.4f} "
+                   f"{row['smoke_accuracy'] or 0:>6.3f}  {row['data_md5'][:10]:<10} "
+                   f"{row['code_digest'][:10]:<10} {row['created']:<25} {row['training_job']}")
+
+
+def _decide(backend: str, group: str, version: int, status: str, reason: str,
+            region: str | None) -> None:
+    with _backend_errors():
+        updated = _backend(backend, region).set_model_status(group, version, status, reason)
+    typer.echo(f"{group} v{updated.version}: {updated.status} ({updated.reason})")
+
+
+@models_app.command()
+def approve(
+    version: Annotated[int, typer.Argument(help="version number")],
+    backend: Backend = "local",
+    group: Group = "cifar10-pipeline",
+    reason: Annotated[str, typer.Option(help="why")] = "approved by hand",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+) -> None:
+    """Approve a version (it becomes the champion if it is the newest approved)."""
+    from backends.base import APPROVED
+
+    _decide(backend, group, version, APPROVED, reason, region)
+
+
+@models_app.command()
+def reject(
+    version: Annotated[int, typer.Argument(help="version number")],
+    backend: Backend = "local",
+    group: Group = "cifar10-pipeline",
+    reason: Annotated[str, typer.Option(help="why")] = "rejected by hand",
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+) -> None:
+    """Reject a version."""
+    from backends.base import REJECTED
+
+    _decide(backend, group, version, REJECTED, reason, region)
 
 
 def main() -> None:

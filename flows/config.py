@@ -3,7 +3,8 @@ and shown as a form in the Prefect UI."""
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,7 +33,9 @@ class TrainingSettings(_Section):
                                 "CPUs); airbench: the stronger network (~86% in minutes)")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training "
                                  "set, fractions allowed (1.5); unset: the preset's value")
-    batch_size: int | None = Field(None, ge=1, le=8192, description="images per step per host")
+    batch_size: int | None = Field(None, ge=1, le=8192,
+                                   description="global batch: images per step, all hosts "
+                                               "together (each host takes its share)")
     learning_rate: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, lt=1)
     seed: int = Field(0, ge=0)
@@ -43,6 +46,9 @@ class TrainingSettings(_Section):
                                                            "(ignored by the local backend)")
     instance_count: int = Field(1, ge=1, le=16, description="hosts training data-parallel")
     max_runtime_minutes: int = Field(60, ge=1, le=5 * 24 * 60)
+    cache: bool = Field(True, description="reuse a completed training with the same data, "
+                                          "code, hyperparameters and instances instead of "
+                                          "training again")
 
     def hyperparameters(self) -> dict[str, str | int | float]:
         """What the entry script receives as ``--key value`` arguments."""
@@ -66,6 +72,16 @@ class SmokeTestSettings(_Section):
                                                                "accuracy on those images")
 
 
+class RegistrySettings(_Section):
+    group: str = Field("cifar10-pipeline", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
+                       description="model package group every trained model is registered in")
+    auto_approve: bool = Field(True, description="let the promotion gate approve or reject; "
+                                                 "false leaves versions pending a person")
+    tolerance: float = Field(0.005, ge=0, le=1, description="a new version is approved when "
+                                                           "its test accuracy is at least the "
+                                                           "champion's minus this")
+
+
 class AwsSettings(_Section):
     region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
     role_arn: str | None = Field(None, description="SageMaker execution role; default: "
@@ -87,6 +103,7 @@ class PipelineConfig(_Section):
     training: TrainingSettings = TrainingSettings()
     endpoint: EndpointSettings = EndpointSettings()
     smoke_test: SmokeTestSettings = SmokeTestSettings()
+    registry: RegistrySettings = RegistrySettings()
     aws: AwsSettings = AwsSettings()
 
     @model_validator(mode="after")
@@ -108,16 +125,81 @@ class PipelineConfig(_Section):
         return self.training.instance_type, self.endpoint.instance_type
 
 
-def get_backend(config: PipelineConfig) -> Backend:
+# What a sweep may vary: the grid's field → the TrainingSettings field it sets.
+SWEEPABLE = {"learning_rate": "learning_rate", "epochs": "epochs", "model": "model",
+             "batch_size": "batch_size", "seed": "seed"}
+MAX_SWEEP_POINTS = 64
+AWS_DEFAULT_PARALLEL_JOBS = 4  # within SageMaker's default per-instance-type quota
+
+
+class SweepGrid(_Section):
+    """The values to try; every combination of the non-empty lists is one point (one training
+    job). An empty list keeps the base config's value."""
+
+    learning_rate: list[float] = Field([0.025, 0.05, 0.1], description="learning rates")
+    epochs: list[float] = Field([], description="passes over the training set")
+    model: list[Literal["tutorial", "airbench"]] = Field([], description="networks")
+    batch_size: list[int] = Field([], description="global batch sizes")
+    seed: list[int] = Field([], description="random seeds (the spread of one recipe)")
+
+    def swept(self) -> dict[str, list[Any]]:
+        """The non-empty lists, in the order above."""
+        return {name: list(values) for name, values in self if values}
+
+
+class SweepConfig(_Section):
+    """A sweep: the pipeline's config as the base, a grid over its training settings, and how
+    many training jobs may run at once."""
+
+    base: PipelineConfig = PipelineConfig()
+    grid: SweepGrid = SweepGrid()
+    max_parallel: int | None = Field(None, ge=1, le=MAX_SWEEP_POINTS,
+                                     description="training jobs at once; default: local, one "
+                                                 "per CPU core (each takes its share of them); "
+                                                 f"aws, {AWS_DEFAULT_PARALLEL_JOBS}")
+
+    @model_validator(mode="after")
+    def _points_in_range(self) -> SweepConfig:
+        swept = self.grid.swept()
+        for name, values in swept.items():
+            if len(set(values)) != len(values):
+                raise ValueError(f"grid.{name} lists a value twice: {values}")
+        count = len(self.points())
+        if count > MAX_SWEEP_POINTS:
+            raise ValueError(f"the grid has {count} points; at most {MAX_SWEEP_POINTS}")
+        return self
+
+    def points(self) -> list[TrainingSettings]:
+        """One training configuration per grid point (at least one: the base)."""
+        swept = self.grid.swept()
+        base = self.base.training.model_dump()
+        return [TrainingSettings.model_validate(
+                    {**base, **{SWEEPABLE[name]: value for name, value in zip(swept, combo,
+                                                                               strict=True)}})
+                for combo in itertools.product(*swept.values())]
+
+    def parallel_jobs(self, usable_cpus: int) -> int:
+        """``max_parallel``, else the backend's default, never more than there are points."""
+        if self.max_parallel is not None:
+            limit = self.max_parallel
+        elif self.base.backend == "local":
+            limit = max(1, usable_cpus // self.base.training.instance_count)
+        else:
+            limit = AWS_DEFAULT_PARALLEL_JOBS
+        return max(1, min(limit, len(self.points())))
+
+
+def get_backend(config: PipelineConfig, concurrent_jobs: int = 1) -> Backend:
     """The backend the config names, built with its settings (cheap and offline: an AWS
-    backend resolves credentials, region and role on first use)."""
+    backend resolves credentials, region and role on first use). With ``concurrent_jobs``
+    training jobs at once, each local job takes its share of this machine's CPUs."""
     if config.backend == "aws":
         from backends.aws import AwsBackend
 
         return AwsBackend(**config.aws.model_dump())
     from backends.local import LocalBackend
 
-    return LocalBackend()
+    return LocalBackend(concurrent_jobs=concurrent_jobs)
 
 
 def data_root() -> str:

@@ -175,7 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=lambda text: whole_if_integral(float(text)),
                    help="passes over the training set; a fraction ends the last one early "
                         "(1.5: one pass, then half of a second)")
-    p.add_argument("--batch-size", "--batch_size", type=int, help="images per step per host")
+    p.add_argument("--batch-size", "--batch_size", type=int,
+                   help="global batch: images per step, all hosts together (each host takes "
+                        "its share)")
     p.add_argument("--lr", type=float, help="peak learning rate (SGD)")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, order, augmentation)")
@@ -263,6 +265,7 @@ class Run:
     optimizer: SGD
     sampler: torch.utils.data.DistributedSampler
     total_steps: int
+    host_batch: int  # this host's share of the global batch
     augment_generator: torch.Generator
     started: float
     checkpoint: Path | None  # the file saved after every epoch, None: no checkpoints
@@ -310,15 +313,26 @@ def set_up(args: argparse.Namespace) -> Run:
     sampler = torch.utils.data.DistributedSampler(
         range(len(data["train_x"])), num_replicas=world_size, rank=rank, shuffle=True,
         seed=args.seed)
-    steps_per_epoch = -(-len(sampler) // args.batch_size)
+    # --batch-size is the global batch: each host takes its share, so that N hosts take the
+    # same steps as one (the hosts' shards of a step's permutation slice make up the one
+    # host's batch, and DDP averages their equal-sized gradients): same learning rate, same
+    # trajectory, up to the order of floating-point sums. A global batch that does not divide
+    # by the hosts is rounded down to one that does.
+    host_batch = max(1, args.batch_size // world_size)
+    if host_batch * world_size != args.batch_size:
+        print(f"the global batch {args.batch_size} does not divide by {world_size} hosts: each "
+              f"takes {host_batch} images a step, a global batch of {host_batch * world_size}",
+              flush=True)
+    steps_per_epoch = -(-len(sampler) // host_batch)
     total_steps = math.ceil(steps_per_epoch * args.epochs)
     # The plan, for progress bars and for the reader of the log.
     print(f"precision={precision}; ({why})", flush=True)
-    log_metrics(epochs=args.epochs, total_steps=total_steps)
+    log_metrics(epochs=args.epochs, total_steps=total_steps, hosts=world_size,
+                global_batch=host_batch * world_size, host_batch=host_batch)
     run = Run(args=args, recipe=recipe, device=device, precision=precision,
               precision_reason=why, rank=rank, world_size=world_size, data=data, mean=mean,
               std=std, model=model, net=net, optimizer=optimizer, sampler=sampler,
-              total_steps=total_steps,
+              total_steps=total_steps, host_batch=host_batch,
               augment_generator=torch.Generator().manual_seed(args.seed * 1000 + rank),
               started=started,
               checkpoint=Path(args.checkpoint_dir) / CHECKPOINT_FILE
@@ -337,9 +351,9 @@ def train_epoch(run: Run, epoch: int, step: int) -> dict:
     order = torch.tensor(list(run.sampler), device=device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    epoch_end = min(len(order), (run.total_steps - step) * args.batch_size)
-    for start in range(0, epoch_end, args.batch_size):
-        idx = order[start:start + args.batch_size]
+    epoch_end = min(len(order), (run.total_steps - step) * run.host_batch)
+    for start in range(0, epoch_end, run.host_batch):
+        idx = order[start:start + run.host_batch]
         x = to_model_input(train_x[idx], device)
         y = train_y[idx]
         if recipe["augment_pad"]:
@@ -399,15 +413,16 @@ def train(args: argparse.Namespace) -> tuple[Run, dict]:
         record = train_epoch(run, epoch, step)
         step = record["steps"]
         history.append(record)
+        save_checkpoint(run, history, step)  # first: an epoch's line means it is saved
         log_metrics(**record)
-        save_checkpoint(run, history, step)
     test_loss, test_accuracy = evaluate(run.model, run.data["test_x"], run.data["test_y"],
                                         run.device, run.bf16)
     train_seconds = time.perf_counter() - run.started + (
         run.resumed["seconds"] if run.resumed else 0.0)
     log_metrics(test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=train_seconds)
     metrics = {
-        "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+        "model": args.model, "epochs": args.epochs,
+        "batch_size": run.host_batch * run.world_size, "host_batch_size": run.host_batch,
         "lr": args.lr, "momentum": args.momentum, "hosts": run.world_size, "rank": run.rank,
         "samples_per_epoch": len(run.sampler),
         "device": run.device.type, "precision": run.precision,

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 from prefect import task
 
 from model_src.cifar import CLASSES, read_batch
-from tasks.lib.download import Dataset, fetch_cifar10
+from tasks.lib.download import Dataset, display_url, fetch_cifar10
 from tasks.lib.plots import image_grid
 from tasks.reporting import logger, markdown_image, publish_markdown
 from tasks.retries import retry_transient
-
-
-def _display_url(url: str) -> str:
-    """The URL without credentials or query string (mirrors may carry tokens)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @task(name="download_data", task_run_name="download {url}", retries=2,
@@ -29,7 +19,7 @@ def _display_url(url: str) -> str:
 def download_data(url: str, md5: str | None, data_root: Path) -> Dataset:
     """Fetches CIFAR-10 into ``data_root`` unless a verified copy is already there."""
     log = logger()
-    shown = _display_url(url)
+    shown = display_url(url)
     if not md5:
         log.warning("no checksum given for %s: the archive is not verified", shown)
     reported = [-1]
@@ -63,7 +53,7 @@ def preview_data(dataset: Dataset, count: int = 32) -> bytes:
     publish_markdown(
         "cifar10-preview",
         f"## Training data preview\n\n{markdown_image(png, 'training images')}\n\n"
-        f"First {count} images of `{batch.name}` from `{_display_url(dataset.url)}` "
+        f"First {count} images of `{batch.name}` from `{display_url(dataset.url)}` "
         f"(md5 `{dataset.md5}`).",
         description="Sample training images with their class names",
     )

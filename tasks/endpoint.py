@@ -23,7 +23,15 @@ IMAGES_PER_REQUEST = 256  # 256 float32 images are 3 MiB, well inside the 6 MiB 
 
 
 class AccuracyBelowFloor(RuntimeError):
-    """The endpoint answered, but worse than the configured accuracy floor."""
+    """The endpoint answered, but worse than the configured accuracy floor; ``result`` holds
+    the smoke test's figures (a failed smoke test is still registered, as such)."""
+
+    def __init__(self, message: str, result: SmokeTestResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self):  # Prefect pickles a failed task's exception into its state
+        return type(self), (str(self), self.result)
 
 
 class BadPrediction(RuntimeError):
@@ -95,7 +103,8 @@ def smoke_predict(backend: Backend, endpoint_name: str, dataset: Dataset, images
              result.requests, seconds)
     if accuracy < accuracy_floor:
         raise AccuracyBelowFloor(f"endpoint {endpoint_name} scored {accuracy:.3f} on {count} "
-                                 f"test images, under the accuracy floor {accuracy_floor:.3f}")
+                                 f"test images, under the accuracy floor {accuracy_floor:.3f}",
+                                 result)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -46,12 +47,31 @@ def upload_data(backend: Backend, dataset: Dataset) -> str:
 
 
 @task(name="fit", task_run_name="fit {spec.job_name}", cache_policy=NO_CACHE)
-def fit(backend: Backend, spec: TrainingSpec) -> TrainingResult:
+def fit(backend: Backend, spec: TrainingSpec, registry_group: str | None = None,
+        cache_key: str | None = None) -> TrainingResult:
     """Runs the training job, streaming its log into the run's logs and its progress into a
-    progress artifact. Not retried: a job that failed on its own fails the same way again."""
+    progress artifact. Not retried: a job that failed on its own fails the same way again.
+
+    With a ``cache_key`` (and the registry ``registry_group`` to find it in), a completed job
+    of this pipeline with the same key, whose model still exists, is reused instead: the same
+    data, code, hyperparameters and instances train the same model (0 billable seconds)."""
     log = logger()
     progress = Progress("cifar10-training-progress",
                         f"Training job {spec.job_name}: training steps completed")
+    if cache_key and registry_group:
+        cached = backend.cached_training(registry_group, cache_key)
+        if cached is not None:
+            result = dataclasses.replace(cached, billable_seconds=0,
+                                         cached_from=cached.job_name)
+            log.info("cached from job %s (same data, code, hyperparameters and instances; "
+                     "cache key %s): model %s, test accuracy %.4f, nothing trained",
+                     cached.job_name, cache_key[:12], cached.model_uri,
+                     cached.metrics.get("test_accuracy", 0))
+            publish_table("cifar10-training-metrics", metrics_rows(result.metrics),
+                          description=f"Cached from training job {cached.job_name}: its "
+                                      f"per-epoch metrics, then the test split")
+            progress.update(100.0, f"cached from job {cached.job_name}: nothing to train")
+            return result
     training_progress = TrainingProgress()
     started = time.monotonic()
 

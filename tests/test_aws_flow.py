@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every t
 NOTHING = {"endpoints": [], "endpoint_configs": [], "models": []}
 # What one run asks of SageMaker, in order (the runtime's InvokeEndpoint included).
 EXPECTED_CALLS = [
+    "sagemaker:DescribeModelPackageGroup",  # fit's cache: no group yet, so nothing to reuse
     "sagemaker:DescribeTrainingJob",  # fit: is there a job of this run's name? (re-attach)
     "sagemaker:CreateTrainingJob",
     "sagemaker:DescribeTrainingJob",  # wait: Completed
@@ -38,6 +39,12 @@ EXPECTED_CALLS = [
     "sagemaker:DescribeEndpointConfig",  # which model?
     "sagemaker:DeleteEndpointConfig",
     "sagemaker:DeleteModel",
+    "sagemaker:DescribeModelPackageGroup",  # register: the champion (none: no group yet)
+    "sagemaker:DescribeModelPackageGroup",  # the group, created on first use
+    "sagemaker:CreateModelPackageGroup",
+    "sagemaker:CreateModelPackage",
+    "sagemaker:UpdateModelPackage",  # the gate's decision with its reason
+    "sagemaker:DescribeModelPackage",  # the version as registered
 ]
 
 
@@ -102,7 +109,7 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
 
     assert summary.backend == "aws"
     assert list(summary.stages) == ["download", "preview", "upload", "fit", "deploy",
-                                       "smoke_predict", "delete_endpoint"]
+                                       "smoke_predict", "delete_endpoint", "register"]
     assert calls_of(sagemaker_calls) == EXPECTED_CALLS
     assert_allowed_by_caller_policy(sagemaker_calls)
 

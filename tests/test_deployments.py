@@ -40,7 +40,7 @@ PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 # the configured zone, not in UTC or the machine's, on any day of the year.
 TIMEZONE = "Asia/Kolkata"
 STAGE_TASKS = ["download_data", "preview_data", "upload_data", "fit", "deploy", "smoke_predict",
-               "delete_endpoint", "publish_summary"]
+               "delete_endpoint", "register_model", "publish_summary"]
 
 
 def api() -> httpx.Client:

@@ -365,7 +365,9 @@ def test_an_interrupted_job_resumes_from_its_checkpoint_to_the_same_result(tmp_p
     assert (checkpoints / "checkpoint.pt").is_file()
     assert not (root / "output/data/metrics.json").exists()
 
-    result, resumed = train_and_read_metrics(root, larger_data, args)  # started again
+    result = run_entry_script(args, env, root)  # started again, checkpoints restored
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads((root / "output/data/metrics.json").read_text())
     assert re.search(r"^resuming after epoch [12] ", result.stdout, re.MULTILINE)
     assert resumed["resumed_after_epoch"] in (1, 2)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]

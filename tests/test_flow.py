@@ -38,7 +38,7 @@ def test_flow_runs_every_stage_and_tears_down(first_run):
     assert state.is_completed(), state.message
     summary = state.result()
     assert list(summary.stages) == ["download", "preview", "upload", "fit", "deploy",
-                                       "smoke_predict", "delete_endpoint"]
+                                       "smoke_predict", "delete_endpoint", "register"]
     assert requests == ["/cifar-10-python.tar.gz"]  # downloaded once, over HTTP
     assert summary.data.reused is False
     assert summary.training.metrics["test_accuracy"] > 0.5

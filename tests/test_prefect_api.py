@@ -66,7 +66,7 @@ def test_a_fresh_home_runs_the_first_time_even_with_a_short_startup_timeout(
     # `run --json`: stdout holds the run summary as one JSON object and nothing else.
     summary = json.loads(result.stdout)
     assert list(summary["stages"]) == ["download", "preview", "upload", "fit", "deploy",
-                                       "smoke_predict", "delete_endpoint"]
+                                       "smoke_predict", "delete_endpoint", "register"]
     assert summary["smoke_test"]["images"] == 50
     assert summary["training"]["metrics"]["test_accuracy"] > 0.5
     assert summary["data"]["uri"].startswith("file://")

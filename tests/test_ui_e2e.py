@@ -192,17 +192,18 @@ def test_the_ui_shows_the_run_its_task_runs_and_artifacts(server, triggered_run,
     shots = tmp_path_factory.mktemp("screenshots")
     task_runs = [f"fit {job}", f"deploy {job}", f"smoke-predict {job}",
                  f"delete endpoint {job}", "preview 32 training images", "upload data to local",
-                 "publish run summary", "download http://127.0.0.1:"]
+                 "publish run summary", "download http://127.0.0.1:",
+                 "register model in cifar10-pipeline"]
     with Browser(chromium, shots / "chromium-profile") as browser:
         browser.open(f"{server.url}/runs/flow-run/{run_id}")
         browser.wait_for_text(run_name, "Completed", "cifar10-pipeline", "nightly",
-                              "8 Task runs", f"Beginning flow run '{run_name}'",
+                              "9 Task runs", f"Beginning flow run '{run_name}'",
                               f"training job {job} completed")  # the Logs tab
         time.sleep(2)  # the task graph is a canvas (no text to wait for): let it draw
         browser.screenshot(shots / "1-flow-run.png")
 
         browser.click("Task Runs")
-        browser.wait_for_text("(8 Completed)", *task_runs)
+        browser.wait_for_text("(9 Completed)", *task_runs)
         browser.screenshot(shots / "2-task-runs.png")
 
         browser.click("Artifacts")

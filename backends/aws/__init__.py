@@ -21,7 +21,8 @@ import boto3
 from backends.aws.config import AwsOptions
 from backends.aws.errors import aws_errors
 from backends.aws.hosting import AwsEndpoints
-from backends.aws.s3 import mirror_directory
+from backends.aws.registry import AwsRegistry
+from backends.aws.s3 import mirror_directory, object_exists
 from backends.aws.session import AwsSession
 from backends.aws.training import AwsTrainingJobs
 from backends.base import (
@@ -30,6 +31,8 @@ from backends.base import (
     EndpointSpec,
     Invocation,
     LogCallback,
+    ModelVersion,
+    ModelVersionSpec,
     TrainingResult,
     TrainingSpec,
 )
@@ -52,6 +55,7 @@ class AwsBackend(Backend):
         self._lock = threading.Lock()
         self.training = AwsTrainingJobs(self.aws, self.options, self.sdk_session, self.bucket)
         self.endpoints = AwsEndpoints(self.aws, self.options)
+        self.registry = AwsRegistry(self.aws, self.options, self.bucket)
 
     def sdk_session(self) -> Any:
         """The SageMaker SDK session over our boto3 session, its default bucket ours."""
@@ -99,6 +103,26 @@ class AwsBackend(Backend):
 
     def delete_endpoint(self, name: str) -> bool:
         return self.endpoints.delete(name)
+
+    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
+        return self.registry.register(spec, spec.image or self.endpoints.image(
+            spec.instance_type))
+
+    def list_model_versions(self, group: str) -> list[ModelVersion]:
+        return self.registry.versions(group)
+
+    def set_model_status(self, group: str, version: int, status: str,
+                         reason: str) -> ModelVersion:
+        return self.registry.set_status(group, version, status, reason)
+
+    def artifact_exists(self, uri: str) -> bool:
+        return uri.startswith("s3://") and object_exists(self.aws.s3, uri)
+
+    def training_result(self, job_name: str) -> TrainingResult | None:
+        described = self.training.describe(job_name)
+        if described is None or described["TrainingJobStatus"] != "Completed":
+            return None
+        return self.training.result(described)
 
     def runtime_client(self, endpoint_name: str) -> Any:
         """boto3's ``sagemaker-runtime`` client for this region (``AWS_ENDPOINT_URL_SAGEMAKER_

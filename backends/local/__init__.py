@@ -15,11 +15,14 @@ from backends.base import (
     EndpointInfo,
     EndpointSpec,
     LogCallback,
+    ModelVersion,
+    ModelVersionSpec,
     TrainingResult,
     TrainingSpec,
 )
 from backends.local.endpoints import LocalEndpoints
-from backends.local.store import LocalStore
+from backends.local.registry import LocalRegistry
+from backends.local.store import LocalStore, path_from_uri
 from backends.local.training import LocalTrainingJobs
 from backends.settings import SOURCE_DIR, state_dir
 from model_src.cifar import TRAINING_PROGRAM
@@ -41,14 +44,16 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, root: Path | None = None, python: str = sys.executable,
-                 deploy_timeout_seconds: float = 120.0) -> None:
+                 deploy_timeout_seconds: float = 120.0, concurrent_jobs: int = 1) -> None:
         bypass_proxies_for_loopback()
         self.root = Path(root) if root else state_dir()
         self.store = LocalStore(self.root / "store")
         self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR,
-                                      TRAINING_PROGRAM, python=python)
+                                      TRAINING_PROGRAM, python=python,
+                                      concurrent_jobs=concurrent_jobs)
         self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
                                         deploy_timeout_seconds=deploy_timeout_seconds)
+        self.registry = LocalRegistry(self.root / "registry")
 
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
         report = self.store.upload_dir(Path(local_dir), "data")
@@ -71,6 +76,25 @@ class LocalBackend(Backend):
 
     def delete_endpoint(self, name: str) -> bool:
         return self.endpoints.delete(name)
+
+    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
+        return self.registry.register(spec)
+
+    def list_model_versions(self, group: str) -> list[ModelVersion]:
+        return self.registry.versions(group)
+
+    def set_model_status(self, group: str, version: int, status: str,
+                         reason: str) -> ModelVersion:
+        return self.registry.set_status(group, version, status, reason)
+
+    def artifact_exists(self, uri: str) -> bool:
+        return uri.startswith("file://") and path_from_uri(uri).is_file()
+
+    def training_result(self, job_name: str) -> TrainingResult | None:
+        record = self.jobs.describe(job_name)
+        if record is None or record.status != "Completed":
+            return None
+        return self.jobs.result(record)
 
     def runtime_client(self, endpoint_name: str) -> Any:
         """boto3's own sagemaker-runtime client, pointed at the endpoint's server. Requests are

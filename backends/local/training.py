@@ -100,7 +100,11 @@ def _gpu_count() -> int:
 
 class LocalTrainingJobs:
     def __init__(self, jobs_root: Path, store: LocalStore, source_dir: Path,
-                 entry_point: str, python: str = sys.executable) -> None:
+                 entry_point: str, python: str = sys.executable,
+                 concurrent_jobs: int = 1) -> None:
+        """``concurrent_jobs``: how many jobs this process runs at once (a sweep); each
+        job's hosts share 1/``concurrent_jobs`` of the CPUs, so that none oversubscribes."""
+        self.concurrent_jobs = max(1, concurrent_jobs)
         self.jobs_root = Path(jobs_root)
         self.store = store
         self.source_dir = Path(source_dir)
@@ -284,7 +288,7 @@ class LocalTrainingJobs:
 
     def _environment(self, root: Path, hyperparameters: dict[str, str], hosts: list[str],
                      host: str, master_port: int, spec: TrainingSpec) -> dict[str, str]:
-        cpus = max(1, usable_cpus() // len(hosts))
+        cpus = max(1, usable_cpus() // self.concurrent_jobs // len(hosts))
         gpus = _gpu_count()
         env = dict(os.environ)
         host_index = hosts.index(host)

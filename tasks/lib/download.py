@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -53,6 +54,15 @@ class Dataset:
     bytes_downloaded: int
     seconds: float
     files: dict[str, str]  # name → sha256
+
+
+def display_url(url: str) -> str:
+    """The URL without credentials or query string (mirrors may carry tokens)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def verified_copy(data_root: Path, url: str, md5: str | None) -> Dataset | None:

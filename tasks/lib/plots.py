@@ -49,3 +49,39 @@ def image_grid(images: np.ndarray, captions: list[str], colors: list[str] | None
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def sweep_plot(points: list[tuple[float | str, float, str, bool]], x_label: str,
+               title: str) -> bytes:
+    """Test accuracy against the swept value: (x, accuracy, series, is_winner) per completed
+    point, one line per series (the other swept settings), the winner ringed. A numeric axis
+    spanning more than 4x (learning rates) is logarithmic."""
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
+    numeric = all(isinstance(x, int | float) for x, *_ in points)
+    categories = sorted({str(x) for x, *_ in points})
+    for series in sorted({s for *_, s, _ in points}):
+        mine = sorted((p for p in points if p[2] == series), key=lambda p: (str(p[0]), p[0]))
+        if numeric:
+            mine.sort(key=lambda p: p[0])
+        xs = [p[0] if numeric else categories.index(str(p[0])) for p in mine]
+        ax.plot(xs, [p[1] for p in mine], marker="o", label=series or None)
+    for x, accuracy, _, winner in points:
+        if winner:
+            ax.scatter([x if numeric else categories.index(str(x))], [accuracy], s=220,
+                       facecolors="none", edgecolors="crimson", linewidths=2, label="winner")
+    if numeric:
+        values = [float(x) for x, *_ in points]
+        if min(values) > 0 and max(values) / min(values) > 4:
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(categories)), categories)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

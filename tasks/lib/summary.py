@@ -42,6 +42,15 @@ class TrainingSummary(BaseModel):
     instance_type: str
     instance_count: int
     metrics: dict[str, Any]  # the entry script's metrics.json
+    cached_from: str | None = None  # the earlier job reused instead of training
+
+
+class RegistrySummary(BaseModel):
+    group: str
+    version: int
+    status: str  # Approved | Rejected | PendingManualApproval
+    reason: str
+    champion_before: int | None  # the approved version this one was measured against
 
 
 class EndpointSummary(BaseModel):
@@ -67,6 +76,7 @@ class RunSummary(BaseModel):
     smoke_test: SmokeTestResult
     endpoint: EndpointSummary
     cost: CostEstimate
+    registry: RegistrySummary | None = None
 
     def text(self) -> str:
         """The CLI's closing lines."""
@@ -83,6 +93,10 @@ class RunSummary(BaseModel):
             f"(floor {smoke.accuracy_floor})",
             f"  endpoint        {endpoint.name} "
             f"({'kept at ' + str(endpoint.url) if endpoint.kept else 'deleted'})",
+            *([f"  training        cached from job {self.training.cached_from}"]
+              if self.training.cached_from else []),
+            *([f"  registry        {self.registry.group} v{self.registry.version}: "
+               f"{self.registry.status} ({self.registry.reason})"] if self.registry else []),
             f"  billable        {self.training.billable_seconds} training seconds, "
             f"estimated ${self.cost.usd:.4f}",
             "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items()),
@@ -97,7 +111,9 @@ class RunSummary(BaseModel):
             ("data", f"`{data.uri}` (md5 `{data.md5}`"
                      f"{', reused a verified copy' if data.reused else ''})"),
             ("model artifact", f"`{training.model_uri}`"),
-            ("training job", f"`{training.job_name}`: {metrics.get('model', '?')} network, "
+            ("training job", (f"cached from `{training.cached_from}` (nothing trained): "
+                              if training.cached_from else "")
+             + f"`{training.job_name}`: {metrics.get('model', '?')} network, "
                              f"{metrics.get('epochs', '?')} epochs in "
                              f"{metrics.get('precision', '?')}, test accuracy "
                              f"**{metrics.get('test_accuracy', 0):.2%}**"),
@@ -111,29 +127,123 @@ class RunSummary(BaseModel):
                            f"(floor {smoke.accuracy_floor:.0%})"),
             ("estimated cost", f"${cost.usd:.4f} ({cost.note})"),
         ]
+        if self.registry:
+            rows.append(("model registry", f"`{self.registry.group}` "
+                                           f"v{self.registry.version}: "
+                                           f"**{self.registry.status}** "
+                                           f"({self.registry.reason})"))
         table = "\n".join(f"| {label} | {value} |" for label, value in rows)
         stages = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in self.stages.items())
         return (f"## CIFAR-10 pipeline run on `{self.backend}`\n\n| what | value |\n|---|---|\n"
                 f"{table}\n\n| stage | seconds |\n|---|---|\n{stages}\n")
 
 
-def estimate_cost(backend: str, training: TrainingSummary,
-                  endpoint: EndpointSummary) -> CostEstimate:
-    """Training is billed per instance-second, hosting per instance-second of uptime."""
+def estimate_cost(backend: str, trainings: list[TrainingSummary],
+                  endpoint: EndpointSummary | None) -> CostEstimate:
+    """Training is billed per instance-second (every job of a sweep), hosting per
+    instance-second of uptime."""
     if backend == "local":
         return CostEstimate(usd=0.0, note="local backend: no AWS charges")
-    train_price = PRICES_PER_HOUR.get(training.instance_type)
-    host_price = PRICES_PER_HOUR.get(endpoint.instance_type)
-    unknown = [t for t, p in ((training.instance_type, train_price),
-                              (endpoint.instance_type, host_price)) if p is None]
-    usd = 0.0
-    if train_price is not None:
-        usd += training.billable_seconds / 3600 * train_price
-    if host_price is not None and endpoint.uptime_seconds is not None:
-        usd += endpoint.uptime_seconds / 3600 * host_price * endpoint.instance_count
+    usd, unknown = 0.0, set()
+    for training in trainings:
+        if (price := PRICES_PER_HOUR.get(training.instance_type)) is None:
+            unknown.add(training.instance_type)
+        else:
+            usd += training.billable_seconds / 3600 * price
+    if endpoint is not None:
+        if (host_price := PRICES_PER_HOUR.get(endpoint.instance_type)) is None:
+            unknown.add(endpoint.instance_type)
+        elif endpoint.uptime_seconds is not None:
+            usd += endpoint.uptime_seconds / 3600 * host_price * endpoint.instance_count
     note = "approximate on-demand list prices (us-east-1); excludes S3, CloudWatch, transfer"
     if unknown:
-        note += f"; no price known for {', '.join(unknown)}"
-    if endpoint.uptime_seconds is None:
+        note += f"; no price known for {', '.join(sorted(unknown))}"
+    if endpoint is not None and endpoint.uptime_seconds is None:
         note += "; the kept endpoint keeps costing until deleted"
     return CostEstimate(usd=round(usd, 4), note=note)
+
+
+class SweepPoint(BaseModel):
+    """One grid point: one training job."""
+
+    index: int  # 1-based, in grid order
+    values: dict[str, Any]  # the swept settings of this point (e.g. {"learning_rate": 0.05})
+    hyperparameters: dict[str, Any]  # everything the entry script received
+    job_name: str
+    status: str  # Completed | Cached | Failed
+    test_accuracy: float | None = None
+    seconds: float | None = None  # wall-clock of the fit task
+    started: str | None = None  # ISO time the fit task started and ended (concurrency)
+    ended: str | None = None
+    error: str | None = None  # why it failed
+    training: TrainingSummary | None = None
+    registry: RegistrySummary | None = None
+    winner: bool = False
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "base"
+
+
+class SweepSummary(BaseModel):
+    """What a sweep did: every point, the winner, its smoke test and endpoint, the total cost."""
+
+    flow_run_id: str
+    backend: str
+    max_parallel: int
+    stages: dict[str, float]
+    data: DataSummary
+    points: list[SweepPoint]
+    smoke_test: SmokeTestResult
+    endpoint: EndpointSummary
+    cost: CostEstimate
+
+    @property
+    def winner(self) -> SweepPoint:
+        return next(p for p in self.points if p.winner)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The table artifact and the CLI's table: one row per point."""
+        return [{"point": p.index, **p.values,
+                 "test_accuracy": None if p.test_accuracy is None else round(p.test_accuracy, 4),
+                 "seconds": p.seconds,
+                 "billable_seconds": p.training.billable_seconds if p.training else 0,
+                 "status": p.status + (" (winner)" if p.winner else ""),
+                 "job": p.job_name, "registry": (f"v{p.registry.version} {p.registry.status}"
+                                                 if p.registry else ""),
+                 "error": p.error or ""} for p in self.points]
+
+    def text(self) -> str:
+        """The CLI's closing lines."""
+        winner, failed = self.winner, [p for p in self.points if p.status == "Failed"]
+        lines = ["", f"sweep {self.flow_run_id} completed on {self.backend}: "
+                     f"{len(self.points)} points, {len(failed)} failed, "
+                     f"at most {self.max_parallel} at once"]
+        for p in self.points:
+            accuracy = "   -  " if p.test_accuracy is None else f"{p.test_accuracy:.4f}"
+            lines.append(f"  {'*' if p.winner else ' '} {p.index:>2}  {p.label():<40} "
+                         f"{accuracy}  {p.status:<9} {p.seconds or 0:>7.1f}s  "
+                         f"{p.error or p.job_name}")
+        billable = sum(p.training.billable_seconds for p in self.points if p.training)
+        lines += [
+            f"  winner          point {winner.index} ({winner.label()}): test accuracy "
+            f"{winner.test_accuracy or 0:.4f}",
+            f"  smoke test      {self.smoke_test.accuracy:.3f} on {self.smoke_test.images} "
+            f"images (floor {self.smoke_test.accuracy_floor})",
+            f"  endpoint        {self.endpoint.name} "
+            f"({'kept at ' + str(self.endpoint.url) if self.endpoint.kept else 'deleted'})",
+            f"  billable        {billable} training seconds, "
+            f"estimated ${self.cost.usd:.4f} in all",
+            "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items()),
+        ]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The sweep's summary artifact."""
+        winner = self.winner
+        return (f"## CIFAR-10 sweep on `{self.backend}`\n\n"
+                f"{len(self.points)} points, at most {self.max_parallel} training jobs at once. "
+                f"Winner: point {winner.index} (`{winner.label()}`), test accuracy "
+                f"**{winner.test_accuracy:.2%}**, smoke test {self.smoke_test.accuracy:.1%} on "
+                f"{self.smoke_test.images} images; endpoint `{self.endpoint.name}` "
+                f"{'kept' if self.endpoint.kept else 'deleted'}.\n\n"
+                f"Estimated cost ${self.cost.usd:.4f} ({self.cost.note}).\n")

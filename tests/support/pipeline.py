@@ -23,7 +23,8 @@ SHIPPED_MODULES = tuple(p.stem for p in MODEL_SRC.glob("*.py") if p.stem != "__i
 
 FAST_HYPERPARAMETERS = {"epochs": 2, "batch-size": 16, "lr": 0.02}
 ARTIFACT_KEYS = {"cifar10-preview", "cifar10-training-metrics", "cifar10-training-progress",
-                 "cifar10-predictions", "cifar10-per-class-accuracy", "cifar10-run-summary"}
+                 "cifar10-predictions", "cifar10-per-class-accuracy", "cifar10-run-summary",
+                 "cifar10-model-lineage"}
 
 
 def sagemaker_env(root: Path, data_dir: Path, hosts: list[str] | None = None,

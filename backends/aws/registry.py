@@ -1,0 +1,147 @@
+"""SageMaker Model Registry for the AWS backend: one model package group (tagged as the
+pipeline's; its versions take the group's tags, as SageMaker requires), one model package version
+per registered model, with the inference specification the endpoint used, the metrics as a
+model-quality report in S3, and the lineage as customer metadata.
+
+boto3 rather than the SDK v3's ``ModelPackage.create``: in sagemaker-core 3.x that method is
+validated against the model *card*'s ``InferenceSpecification`` (``sagemaker.core.shapes``
+re-exports it over the API's shape of the same name), which has no content types and refuses
+the API's shape, so it cannot register a deployable version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import regex  # the API's patterns use \p{...} classes, which re lacks
+
+from backends.aws.config import AwsOptions
+from backends.aws.errors import aws_errors, unless_missing
+from backends.aws.s3 import s3_uri
+from backends.aws.session import AwsSession
+from backends.base import BackendError, ModelVersion, ModelVersionSpec
+from model_src.cifar import JSON, NPY
+
+# CustomerMetadataProperties: keys of at most 128 characters, values of at most 256.
+MAX_VALUE = 256
+METRIC_PREFIX = "metric:"  # metrics kept beside the lineage, so listing needs no S3 read
+KNOWN = ("training_job", "cache_key", "model_uri")
+# The characters a metadata value may hold (the API's pattern); others become "_".
+METADATA_VALUE = regex.compile(r"[^\p{L}\p{Z}\p{N}_.:/=+\-@]")
+
+
+class AwsRegistry:
+    def __init__(self, aws: AwsSession, options: AwsOptions, bucket: Callable[[], str]) -> None:
+        self.aws = aws
+        self.options = options
+        self.bucket = bucket
+
+    @property
+    def sm(self) -> Any:
+        return self.aws.sagemaker
+
+    def ensure_group(self, group: str, tags: dict[str, str]) -> None:
+        if unless_missing(f"finding model package group {group}",
+                          self.sm.describe_model_package_group,
+                          ModelPackageGroupName=group) is not None:
+            return
+        with aws_errors(f"creating model package group {group}"):
+            self.sm.create_model_package_group(
+                ModelPackageGroupName=group,
+                ModelPackageGroupDescription="CIFAR-10 models trained by cifar10-pipeline",
+                Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+
+    def register(self, spec: ModelVersionSpec, image: str) -> ModelVersion:
+        self.ensure_group(spec.group, spec.tags)
+        report = self._put_metrics(spec)
+        metadata = {**{k: _fit(v) for k, v in spec.lineage.items()},
+                    **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in spec.metrics.items()},
+                    "training_job": spec.training_job, "cache_key": spec.cache_key,
+                    "model_uri": _fit(spec.model_uri)}
+        with aws_errors(f"registering a version of model package group {spec.group}"):
+            arn = self.sm.create_model_package(
+                ModelPackageGroupName=spec.group,
+                ModelPackageDescription=f"trained by {spec.training_job}",
+                InferenceSpecification={
+                    "Containers": [{"Image": image, "ModelDataUrl": spec.model_uri}],
+                    "SupportedContentTypes": [NPY, JSON],
+                    "SupportedResponseMIMETypes": [NPY, JSON],
+                    "SupportedRealtimeInferenceInstanceTypes": [spec.instance_type]},
+                ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": JSON,
+                                                              "S3Uri": report}}},
+                ModelApprovalStatus=spec.status,
+                CustomerMetadataProperties=metadata)["ModelPackageArn"]
+            # The decision's reason: CreateModelPackage has no field for it.
+            self.sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=spec.status,
+                                         ApprovalDescription=spec.reason[:1024],
+                                         CustomerMetadataProperties=metadata)
+        return self._version(arn)
+
+    def _put_metrics(self, spec: ModelVersionSpec) -> str:
+        """The model-quality report the version points at (the registry stores references)."""
+        key = f"{self.options.prefix}/registry/{spec.group}/{spec.training_job}/metrics.json"
+        body = json.dumps({"metrics": spec.metrics, "training_job": spec.training_job,
+                           "lineage": spec.lineage}, indent=1)
+        with aws_errors(f"writing the metrics report {s3_uri(self.bucket(), key)}"):
+            self.aws.s3.put_object(Bucket=self.bucket(), Key=key, Body=body.encode(),
+                                   ContentType=JSON)
+        return s3_uri(self.bucket(), key)
+
+    def versions(self, group: str) -> list[ModelVersion]:
+        if unless_missing(f"finding model package group {group}",
+                          self.sm.describe_model_package_group,
+                          ModelPackageGroupName=group) is None:
+            return []
+        with aws_errors(f"listing the versions of model package group {group}"):
+            pages = self.sm.get_paginator("list_model_packages").paginate(
+                ModelPackageGroupName=group, ModelPackageType="Versioned")
+            arns = [s["ModelPackageArn"] for page in pages
+                    for s in page["ModelPackageSummaryList"]]
+        return sorted((self._version(arn) for arn in arns), key=lambda v: v.version)
+
+    def set_status(self, group: str, version: int, status: str, reason: str) -> ModelVersion:
+        found = [v for v in self.versions(group) if v.version == version]
+        if not found:
+            raise BackendError(f"model package group {group} has no version {version}")
+        arn = found[0].arn
+        described = self._describe(arn)
+        with aws_errors(f"updating version {version} of model package group {group}"):
+            # The metadata passed again whole: some implementations replace the map rather
+            # than merge it.
+            self.sm.update_model_package(
+                ModelPackageArn=arn, ModelApprovalStatus=status,
+                ApprovalDescription=reason[:1024],
+                CustomerMetadataProperties=described.get("CustomerMetadataProperties", {}))
+        return self._version(arn)
+
+    def _describe(self, arn: str) -> dict[str, Any]:
+        with aws_errors(f"describing model package {arn}"):
+            return self.sm.describe_model_package(ModelPackageName=arn)
+
+    def _version(self, arn: str) -> ModelVersion:
+        described = self._describe(arn)
+        metadata: dict[str, str] = described.get("CustomerMetadataProperties") or {}
+        metrics = {k.removeprefix(METRIC_PREFIX): float(v) for k, v in metadata.items()
+                   if k.startswith(METRIC_PREFIX)}
+        lineage = {k: v for k, v in metadata.items()
+                   if not k.startswith(METRIC_PREFIX) and k not in KNOWN}
+        created = described.get("CreationTime") or dt.datetime.now(dt.UTC)
+        return ModelVersion(
+            group=described["ModelPackageGroupName"],
+            version=int(described["ModelPackageVersion"]),
+            status=described["ModelApprovalStatus"],
+            reason=described.get("ApprovalDescription", ""),
+            created=created if created.tzinfo else created.replace(tzinfo=dt.UTC),
+            model_uri=metadata.get("model_uri", ""),
+            training_job=metadata.get("training_job", ""),
+            cache_key=metadata.get("cache_key", ""), metrics=metrics, lineage=lineage, arn=arn)
+
+
+def _fit(value: object) -> str:
+    """A customer metadata value: the characters the API allows, at most 256 of them (the
+    metrics report in S3 has every value whole)."""
+    text = METADATA_VALUE.sub("_", str(value))
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 1] + "_"
