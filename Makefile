@@ -102,7 +102,7 @@ ui: setup | prefect-home  ## Prefect server + UI on http://127.0.0.1:4200 over .
 	PREFECT_SERVER_API_HOST=$(UI_HOST) PREFECT_SERVER_API_PORT=$(UI_PORT) \
 	PREFECT_UI_API_URL=$(API_URL) $(BIN)/prefect server start
 
-serve: setup | prefect-home  ## serve the nightly pipeline + hourly reaper (your Prefect API, else `make ui`'s; SERVE_ARGS)
+serve: setup | prefect-home  ## serve the nightly pipeline, hourly reaper, on-demand sweep (your Prefect API, else `make ui`'s; SERVE_ARGS)
 	@$(call USE_API); $(BIN)/python -m deployments.serve $(SERVE_ARGS)
 
 deploy: setup | prefect-home  ## work-pool route: create the process pool, apply deployments/prefect.yaml

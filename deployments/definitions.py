@@ -1,5 +1,6 @@
-"""The project's Prefect deployments, defined once: the nightly pipeline and the hourly endpoint
-reaper, with their schedules, default parameters, descriptions, tags and version.
+"""The project's Prefect deployments, defined once: the nightly pipeline, the hourly endpoint
+reaper and the on-demand sweep (no schedule: run it from the UI or `prefect deployment run`),
+with their schedules, default parameters, descriptions, tags and version.
 
 ``deployments/serve.py`` serves these; ``deployments/prefect.yaml`` (the work-pool route) states
 the same values in YAML, and a test keeps the two in step.
@@ -16,12 +17,14 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, SweepConfig
 from flows.pipeline import cifar10_pipeline
 from flows.reaper import reap_endpoints_flow
+from flows.sweep import cifar10_sweep
 
 PIPELINE_DEPLOYMENT = "nightly"
 REAPER_DEPLOYMENT = "hourly"
+SWEEP_DEPLOYMENT = "on-demand"
 PIPELINE_CRON = "0 2 * * *"   # 02:00: the machine is idle and the result is there by morning
 REAPER_CRON = "30 * * * *"    # half past every hour, away from the pipeline's start
 REAPER_TTL_MINUTES = 120      # a healthy run deletes its endpoint within minutes of creating it
@@ -35,6 +38,11 @@ PIPELINE_DESCRIPTION = (
     "Nightly: download CIFAR-10, train the CNN as a SageMaker training job, host it as a "
     "real-time endpoint, smoke-test it and delete the endpoint. Runs on this machine with the "
     "local backend unless config.backend is 'aws'."
+)
+SWEEP_DESCRIPTION = (
+    "On demand (not scheduled): train one model per grid point in parallel, host and "
+    "smoke-test only the best, delete its endpoint, register every point. Edit config.grid "
+    "and config.max_parallel in the run form."
 )
 REAPER_DESCRIPTION = (
     "Hourly: delete pipeline-owned endpoints older than the TTL, i.e. what a crashed or "
@@ -101,6 +109,22 @@ def reaper_deployment(cron: str = REAPER_CRON, timezone: str | None = None) -> R
         parameters=reaper_parameters(),
         description=REAPER_DESCRIPTION,
         tags=[*TAGS, "reaper"],
+        version=project_version(),
+        enforce_parameter_schema=True,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def sweep_parameters(config: SweepConfig | None = None) -> dict[str, Any]:
+    return {"config": (config or SweepConfig()).model_dump(mode="json")}
+
+
+def sweep_deployment() -> RunnerDeployment:
+    return cifar10_sweep.to_deployment(
+        name=SWEEP_DEPLOYMENT,
+        parameters=sweep_parameters(),
+        description=SWEEP_DESCRIPTION,
+        tags=[*TAGS, "sweep"],
         version=project_version(),
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,

@@ -1,6 +1,7 @@
-"""Serve the scheduled deployments: the nightly pipeline and the hourly endpoint reaper.
+"""Serve the deployments: the nightly pipeline, the hourly endpoint reaper and the on-demand
+sweep.
 
-Registers both with the Prefect server at ``PREFECT_API_URL`` and runs their scheduled and
+Registers them with the Prefect server at ``PREFECT_API_URL`` and runs their scheduled and
 manually triggered runs as subprocesses of this process, until stopped (Ctrl-C; the schedules
 are then paused, since nothing would run them). ``make serve`` runs it against the user's own
 Prefect API (environment or active profile), else ``make ui``'s server::
@@ -22,6 +23,7 @@ from deployments.definitions import (
     pipeline_deployment,
     reaper_deployment,
     schedule_timezone,
+    sweep_deployment,
 )
 
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         deployments = [pipeline_deployment(args.cron, args.timezone),
-                       reaper_deployment(args.reaper_cron, args.timezone)]
+                       reaper_deployment(args.reaper_cron, args.timezone),
+                       sweep_deployment()]
         # a bad cron string or timezone, or a window shorter than the heartbeat interval
         automation = crash_detection(args.crash_after)
     except ValueError as e:

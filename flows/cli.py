@@ -104,22 +104,35 @@ def run(
 
     cifar10-pipeline run --backend aws --region us-east-1 --role-arn ARN --bucket NAME
     """
+    with _invalid_options():
+        config = _config(locals())
+    from flows.pipeline import cifar10_pipeline
+
+    _run_flow(cifar10_pipeline, config, as_json)
+
+
+@contextmanager
+def _invalid_options() -> Iterator[None]:
+    """The config's validation errors as one usage error (exit 2), not a traceback."""
     from pydantic import ValidationError
 
     try:
-        config = _config(locals())
+        yield
     except ValidationError as e:
         _fail("invalid options:\n" + "\n".join(
             f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), 2)
+
+
+def _run_flow(flow: Any, config: Any, as_json: bool) -> None:
+    """Runs ``flow(config)`` against the user's Prefect API (else a temporary server) and
+    prints its summary, or fails with the run's error in one line."""
     from flows.prefect_api import PrefectUnavailable, connect
 
     try:
         connect(on_status=lambda line: typer.echo(line, err=True))
     except PrefectUnavailable as e:
         _fail(str(e))
-    from flows.pipeline import cifar10_pipeline
-
-    state = cifar10_pipeline(config, return_state=True)
+    state = flow(config, return_state=True)
     if not state.is_completed():
         try:
             state.result()
@@ -131,6 +144,80 @@ def run(
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:
         typer.echo(summary.text())
+
+
+def _values(text: str | None, kind: type) -> list[Any]:
+    """'0.02,0.05,0.1' → [0.02, 0.05, 0.1]; None → []."""
+    if text is None:
+        return []
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of "
+                                 f"{kind.__name__} values") from None
+
+
+@app.command()
+def sweep(
+    lr: Annotated[str | None, typer.Option(help="learning rates to try, e.g. 0.02,0.05,0.1 "
+                                                "(default: 0.025,0.05,0.1 when nothing else "
+                                                "is swept)")] = None,
+    epochs: Annotated[str | None, typer.Option(help="epochs to try, e.g. 1,2,4")] = None,
+    model: Annotated[str | None, typer.Option(help="networks to try: tutorial,airbench")] = None,
+    batch_size: Annotated[str | None, typer.Option(help="global batch sizes to try")] = None,
+    seed: Annotated[str | None, typer.Option(help="seeds to try (the spread of one "
+                                                  "recipe)")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="training jobs at once (default: "
+                                                          "local, one per CPU core; aws, "
+                                                          "4)")] = None,
+    backend: Backend = "local",
+    data_url: Annotated[str | None, typer.Option(help="CIFAR-10 python archive URL")] = None,
+    data_md5: Annotated[str | None, typer.Option(help="its md5 ('none' skips the "
+                                                      "check)")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16")] = "auto",
+    instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,
+    instance_count: Annotated[int, typer.Option(help="hosts per training job")] = 1,
+    endpoint_instance_type: Annotated[str | None, typer.Option(help="hosting instance "
+                                                                    "(aws)")] = None,
+    smoke_images: Annotated[int, typer.Option(help="test images sent to the winner's "
+                                                   "endpoint")] = 64,
+    accuracy_floor: Annotated[float, typer.Option(help="fail under this smoke-test "
+                                                       "accuracy")] = 0.4,
+    keep_endpoint: Annotated[bool, typer.Option(help="leave the winner's endpoint "
+                                                     "running")] = False,
+    cache: Annotated[bool, typer.Option(help="reuse completed trainings of the same "
+                                             "points")] = True,
+    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
+    bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the sweep summary as one "
+                                                         "JSON object on stdout")] = False,
+) -> None:
+    """Train one model per combination of the listed values, in parallel; host and
+    smoke-test only the best (by test accuracy), then delete its endpoint; register every
+    point. Points that fail are reported; the sweep fails only when all of them do.
+
+    Examples:
+
+    cifar10-pipeline sweep --lr 0.02,0.05,0.1 --max-parallel 2
+
+    cifar10-pipeline sweep --model tutorial --epochs 1,2 --lr 0.03,0.05 --json
+    """
+    from flows.config import SweepConfig
+
+    grid = {"learning_rate": _values(lr, float), "epochs": _values(epochs, float),
+            "model": _values(model, str), "batch_size": _values(batch_size, int),
+            "seed": _values(seed, int)}
+    options = {**locals(), "model": grid["model"][0] if grid["model"] else "tutorial",
+               "epochs": None, "batch_size": None, "lr": None}
+    with _invalid_options():
+        config = SweepConfig.model_validate({
+            "base": _config(options).model_dump(),
+            "grid": grid if any(grid.values()) else {},
+            "max_parallel": max_parallel})
+    from flows.sweep import cifar10_sweep
+
+    _run_flow(cifar10_sweep, config, as_json)
 
 
 def _config(options: dict[str, Any]) -> PipelineConfig:
@@ -272,8 +359,12 @@ def list_models(
     for row in rows:
         typer.echo(f"{'*' if row['champion'] else ' '} {row['version']:>7}  "
                    f"{row['status']:<21} {row['test_accuracy'] or 0:>8.4f} "
-                   f"{row['smoke_accuracy'] or 0:>6.3f}  {row['data_md5'][:10]:<10} "
+                   f"{_smoke(row['smoke_accuracy']):>6}  {row['data_md5'][:10]:<10} "
                    f"{row['code_digest'][:10]:<10} {row['created']:<25} {row['training_job']}")
+
+
+def _smoke(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f}"
 
 
 def _decide(backend: str, group: str, version: int, status: str, reason: str,

@@ -67,6 +67,11 @@ def teardown_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
     """Cancellation/crash hook: deletes this run's endpoint. It may run in another process
     (the runner), so everything is rebuilt from the run's parameters and id."""
     config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    teardown_run_endpoint(config, flow_run, state)
+
+
+def teardown_run_endpoint(config: PipelineConfig, flow_run: FlowRun, state: State) -> None:
+    """Deletes the endpoint a run of ``config`` created (if any), unless it is kept."""
     if config.endpoint.keep:
         return
     name = resource_name(str(flow_run.id))

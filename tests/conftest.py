@@ -156,7 +156,7 @@ def prefect_harness():
 # then finish together instead of one running a long module alone at the end (the first one
 # also mostly waits, on heartbeats and crash detection, which the others' work fills).
 LONGEST_MODULES = ("test_faults_live.py", "test_faults.py", "test_ui_e2e.py",
-                   "test_prefect_api.py", "test_flow.py", "test_aws_flow.py",
+                   "test_prefect_api.py", "test_flow.py", "test_aws_flow.py", "test_sweep.py",
                    "test_endpoint_abuse.py", "test_deployments.py", "test_entry_script.py")
 
 

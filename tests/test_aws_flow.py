@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from backends.aws import AwsBackend
-from flows.config import AwsSettings, PipelineConfig
+from flows.config import AwsSettings, PipelineConfig, SweepConfig
 from flows.pipeline import cifar10_pipeline, resource_name
+from flows.sweep import cifar10_sweep, point_job_name
 from tasks.lib.summary import PRICES_PER_HOUR
 from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount
 from tests.support.pipeline import FAST_HYPERPARAMETERS
@@ -156,6 +157,41 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
     assert summary.training.billable_seconds == 0 and uptime > 0
     assert summary.cost.usd == round(uptime / 3600 * PRICES_PER_HOUR["ml.m5.large"], 4)
     assert "approximate" in summary.cost.note
+
+
+def test_aws_sweep_trains_ordinary_tagged_jobs_and_hosts_only_the_winner(
+        prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, request_validator,
+        sagemaker_stand_in):
+    config = SweepConfig.model_validate({
+        "base": aws_config(http_server, cifar_tarball).model_dump(mode="json"),
+        "grid": {"learning_rate": [0.02, 0.03]}, "max_parallel": 2})
+    state = cifar10_sweep(config, return_state=True)
+    assert state.is_completed(), state.message
+    assert request_validator.violations == []
+    assert_allowed_by_caller_policy(sagemaker_calls)
+    summary = state.result()
+    run_id = summary.flow_run_id
+
+    jobs = [aws.sm.describe_training_job(TrainingJobName=point_job_name(run_id, i))
+            for i in (1, 2)]
+    assert [j["HyperParameters"]["lr"] for j in jobs] == ["0.02", "0.03"]
+    for job in jobs:
+        tags = {t["Key"]: t["Value"] for t in
+                aws.sm.list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
+        assert tags["managed-by"] == "cifar10-pipeline"
+        assert tags["owner"] == f"prefect-flow-run/{run_id}"
+        assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
+    assert [p.status for p in summary.points] == ["Completed", "Completed"]
+    assert sagemaker_stand_in.served == [resource_name(run_id)]  # the winner only
+    assert len(sagemaker_calls.params("CreateEndpoint")) == 1
+    assert aws.sagemaker_resources() == NOTHING
+    # both points registered: the winner through the gate, the other rejected
+    versions = AwsBackend(region=REGION, role_arn=ROLE_ARN, bucket=BUCKET
+                          ).list_model_versions("cifar10-pipeline")
+    assert sorted(v.training_job for v in versions) == [j["TrainingJobName"] for j in jobs]
+    # cost: every job's billable seconds (moto reports none) and the winner's endpoint
+    uptime = summary.endpoint.uptime_seconds
+    assert summary.cost.usd == round(uptime / 3600 * PRICES_PER_HOUR["ml.m5.large"], 4)
 
 
 def make_endpoint(aws: MotoAccount, name: str, tags: dict[str, str]) -> None:

@@ -31,6 +31,7 @@ from deployments.definitions import (
     pipeline_parameters,
     reaper_deployment,
     reaper_parameters,
+    sweep_deployment,
 )
 from flows.config import PipelineConfig
 from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
@@ -150,11 +151,14 @@ def test_prefect_yaml_matches_the_served_deployments():
 
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    for served in (pipeline_deployment(), reaper_deployment()):
+    for served in (pipeline_deployment(), reaper_deployment(), sweep_deployment()):
         worker = by_name[f"{served.name}-worker"]
-        [schedule] = worker["schedules"]
-        assert schedule["cron"] == served.schedules[0].schedule.cron
-        assert schedule["timezone"] == "{{ $" + definitions.TIMEZONE_ENV + " }}"
+        if served.schedules:
+            [schedule] = worker["schedules"]
+            assert schedule["cron"] == served.schedules[0].schedule.cron
+            assert schedule["timezone"] == "{{ $" + definitions.TIMEZONE_ENV + " }}"
+        else:  # the sweep runs on demand
+            assert not worker.get("schedules")
         assert worker["parameters"] == served.parameters
         assert worker["tags"] == served.tags
         assert worker["description"] == served.description

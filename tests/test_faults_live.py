@@ -4,6 +4,7 @@ pipeline runs that nobody supervises. Every run trains on generated data served 
 HTTP.
 
 - cancel a served run during training, and during smoke-predict (the endpoint up and in use);
+- cancel a served sweep while two of its points train;
 - SIGKILL a served run's flow process while its endpoint is up (the runner sees it die);
 - SIGTERM an unsupervised `cifar10-pipeline run` during smoke-predict (`kill`, a stop);
 - SIGKILL an unsupervised run while its endpoint is up, on the local backend (`cifar10-pipeline
@@ -39,6 +40,7 @@ from backends.aws import AwsBackend
 from backends.local import LocalBackend
 from backends.reaper import reap_endpoints
 from flows.pipeline import resource_name
+from flows.sweep import point_job_name
 from tests.support import live
 from tests.support.aws_fakes import (
     BUCKET,
@@ -414,6 +416,31 @@ def test_cancel_during_smoke_predict(served, http_server, cifar_tarball):
 
     assert backend.describe_endpoint(name) is None
     assert not alive(endpoint.extra["pid"])
+    assert leaks["endpoints"] == leaks["processes"] == 0
+
+
+def test_cancel_mid_sweep_stops_every_training(served, http_server, cifar_tarball):
+    """Two points training at once (as long as they are let), cancelled as the UI does: no
+    training process survives and no endpoint was ever created."""
+    started = time.monotonic()
+    backend = served.backend()
+    sweep = served.server.api("GET", "/deployments/name/cifar10-sweep/on-demand")
+    config = {"base": config_for(http_server, cifar_tarball, training=LONG_TRAINING
+                                 ).model_dump(mode="json"),
+              "grid": {"learning_rate": [0.021, 0.022]}, "max_parallel": 2}
+    run_id = served.server.api("POST", f"/deployments/{sweep['id']}/create_flow_run",
+                               {"parameters": {"config": config}})["id"]
+    job_dirs = [backend.jobs.job_dir(point_job_name(run_id, i)) for i in (1, 2)]
+    wait_for(lambda: all("epoch=1;" in _read(d / "training.log") for d in job_dirs),
+             "both points' training jobs finish an epoch", 240, served)
+    hosts = [h for d in job_dirs for h in json.loads((d / "job.json").read_text())["processes"]]
+    assert len(hosts) == 2 and all(alive(h["pid"]) for h in hosts)
+
+    leaks = cancel_and_record(served, run_id, "cancel mid-sweep (served run, 2 points "
+                                              "training)", started)
+
+    wait_for(lambda: not any(alive(h["pid"]) for h in hosts), "the trainings stop", 30, served)
+    assert backend.describe_endpoint(resource_name(run_id)) is None  # none was ever created
     assert leaks["endpoints"] == leaks["processes"] == 0
 
 

@@ -66,7 +66,7 @@ def make(target: str) -> list[str]:
 @pytest.fixture(scope="module")
 def served(server) -> Iterator[dict[str, Any]]:
     """`make serve` with PREFECT_API_URL naming this server (on a port other than `make ui`'s
-    4200): both deployments registered there and a runner polling for their runs."""
+    4200): every deployment registered there and a runner polling for their runs."""
     timezone = zone_far_from_2am(dt.datetime.now(dt.UTC))
     log = server.logs / "serve.log"
     with live.running(make("serve"), log, env={**server.env, "CIFAR10_SCHEDULE_TZ": timezone},
@@ -79,14 +79,16 @@ def served(server) -> Iterator[dict[str, Any]]:
         yield {"deployment": nightly, "timezone": timezone, "process": process, "log": log}
 
 
-def test_make_serve_registers_both_deployments_on_the_users_server(server, served):
+def test_make_serve_registers_every_deployment_on_the_users_server(server, served):
     assert server.api_url.rsplit(":", 1)[1] != "4200/api"
     assert f"Prefect API: {server.api_url}" in served["log"].read_text(errors="replace")
     reaper = server.api("GET", "/deployments/name/cifar10-endpoint-reaper/hourly")
-    assert reaper is not None and served["deployment"] is not None
-    assert {reaper["flow_id"], served["deployment"]["flow_id"]} == {
+    sweep = server.api("GET", "/deployments/name/cifar10-sweep/on-demand")
+    assert reaper is not None and sweep is not None and served["deployment"] is not None
+    assert sweep["schedules"] == []  # a sweep runs when asked
+    assert {reaper["flow_id"], sweep["flow_id"], served["deployment"]["flow_id"]} == {
         f["id"] for f in server.api("POST", "/flows/filter", {})
-        if f["name"] in ("cifar10-pipeline", "cifar10-endpoint-reaper")}
+        if f["name"] in ("cifar10-pipeline", "cifar10-endpoint-reaper", "cifar10-sweep")}
 
 
 def runs_of(server: Server, deployment_id: str, auto_scheduled: bool = False) -> list[dict]:

@@ -1,0 +1,189 @@
+"""A hyperparameter sweep as one Prefect flow:
+
+download → upload → fit every grid point (concurrent training jobs, at most ``max_parallel``
+at once) → pick the best test accuracy → deploy, smoke-test and delete the winner's endpoint
+→ register every point.
+
+Points that fail are reported and do not fail the sweep, unless all of them fail. Only the
+winner is ever hosted, and its endpoint is deleted as in the pipeline (``finally``, then the
+cancellation and crash hooks, then the reaper).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+
+from prefect import Flow, State, flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run as current_flow_run
+
+from backends.base import TrainingResult, managed_tags
+from backends.local.training import usable_cpus
+from backends.settings import SOURCE_DIR
+from flows.config import SweepConfig, data_root, get_backend
+from flows.pipeline import (
+    host_and_smoke_test,
+    lineage_of,
+    resource_name,
+    stage,
+    teardown_run_endpoint,
+    training_job,
+)
+from tasks.data import download_data
+from tasks.lib.lineage import code_digest
+from tasks.lib.summary import (
+    DataSummary,
+    SweepPoint,
+    SweepSummary,
+    TrainingSummary,
+    estimate_cost,
+)
+from tasks.registry import register_model
+from tasks.reporting import logger
+from tasks.sweep import publish_sweep
+from tasks.training import fit, upload_data
+
+
+class SweepFailed(RuntimeError):
+    """Every point of the sweep failed: there is no model to host."""
+
+
+def _run_name() -> str:
+    config = SweepConfig.model_validate(current_flow_run.parameters.get("config") or {})
+    return (f"{config.base.backend}-sweep-{len(config.points())}-points-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def teardown_sweep_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Cancellation/crash hook: deletes the winner's endpoint, if it got that far."""
+    config = SweepConfig.model_validate(flow_run.parameters.get("config") or {})
+    teardown_run_endpoint(config.base, flow_run, state)
+
+
+def point_job_name(run_id: str, index: int) -> str:
+    """Each point's training job: the run's name and the point's number."""
+    return f"{resource_name(run_id)}-p{index}"
+
+
+def run_bounded(submit: Callable[[int], PrefectFuture], count: int,
+                limit: int) -> list[PrefectFuture]:
+    """Submits ``submit(0..count-1)`` with at most ``limit`` unfinished at any time; returns
+    every future, in submission order, once all have finished."""
+    futures: list[PrefectFuture] = []
+    running: list[PrefectFuture] = []
+    for index in range(count):
+        while len(running) >= limit:
+            finished = next(as_completed(running))
+            running.remove(finished)
+        future = submit(index)
+        futures.append(future)
+        running.append(future)
+    for future in futures:
+        future.wait()
+    return futures
+
+
+@flow(name="cifar10-sweep", flow_run_name=_run_name, log_prints=True,
+      on_cancellation=[teardown_sweep_endpoint], on_crashed=[teardown_sweep_endpoint])
+def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa: B008
+    """Train one model per grid point in parallel, host and smoke-test the best, register all."""
+    base = config.base
+    log = logger()
+    points = config.points()
+    parallel = config.parallel_jobs(usable_cpus())
+    backend = get_backend(base, concurrent_jobs=parallel)
+    run_id = str(current_flow_run.id or uuid.uuid4())
+    tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
+    timings: dict[str, float] = {}
+    training_instance, hosting_instance = base.instance_types()
+    swept = config.grid.swept()
+    log.info("sweep of %d points over %s, at most %d training jobs at once", len(points),
+             ", ".join(swept) or "nothing (the base config)", parallel)
+
+    with stage(timings, "download"):
+        dataset = download_data(base.data.url, base.data.md5, data_root())
+    with stage(timings, "upload"):
+        data_uri = upload_data(backend, dataset)
+    code = code_digest(SOURCE_DIR)
+    jobs = [training_job(base, training, point_job_name(run_id, i + 1), data_uri, dataset, code,
+                         tags, backend) for i, training in enumerate(points)]
+
+    submitted: dict[int, dt.datetime] = {}
+
+    def submit(index: int) -> PrefectFuture:
+        # Submitted only once a slot is free, to a pool with more threads than slots: the
+        # point starts now.
+        submitted[index] = dt.datetime.now(dt.UTC)
+        spec, key = jobs[index]
+        return fit.submit(backend, spec, registry_group=base.registry.group
+                          if points[index].cache else None, cache_key=key)
+
+    with stage(timings, "fit"):
+        futures = run_bounded(submit, len(points), parallel)
+
+    results: list[SweepPoint] = []
+    trained: dict[int, TrainingResult] = {}
+    for i, future in enumerate(futures):
+        spec, _ = jobs[i]
+        values = {name: getattr(points[i], name) for name in swept}
+        state = future.state
+        started, ended = submitted[i], state.timestamp or dt.datetime.now(dt.UTC)
+        point = SweepPoint(index=i + 1, values=values, hyperparameters=spec.hyperparameters,
+                           job_name=spec.job_name, status="Failed",
+                           started=started.isoformat(), ended=ended.isoformat(),
+                           seconds=round((ended - started).total_seconds(), 1))
+        if state.is_completed():
+            result = future.result()
+            trained[i] = result
+            point.status = "Cached" if result.cached_from else "Completed"
+            point.test_accuracy = float(result.metrics.get("test_accuracy", 0.0))
+            point.training = TrainingSummary(
+                job_name=result.job_name, model_uri=result.model_uri,
+                billable_seconds=result.billable_seconds, instance_type=training_instance,
+                instance_count=spec.instance_count, metrics=result.metrics,
+                cached_from=result.cached_from)
+        else:
+            error = future.result(raise_on_failure=False)
+            point.error = (f"{type(error).__name__}: {error}" if isinstance(error, BaseException)
+                           else state.message or state.name)
+            log.warning("point %d (%s) failed: %s", i + 1, point.label(), point.error)
+        results.append(point)
+
+    if not trained:
+        raise SweepFailed(f"all {len(points)} points failed; the first: {results[0].error}")
+    best = max(trained, key=lambda i: (results[i].test_accuracy or 0.0, -i))
+    results[best].winner = True
+    winner = results[best]
+    log.info("winner: point %d (%s), test accuracy %.4f", winner.index, winner.label(),
+             winner.test_accuracy)
+
+    name = resource_name(run_id)
+    hosted = host_and_smoke_test(backend, base, name, trained[best].model_uri, dataset,
+                                 hosting_instance, run_id, timings)
+    with stage(timings, "register"):
+        for i, result in trained.items():
+            spec, key = jobs[i]
+            results[i].registry = register_model(
+                backend, base.registry.group, result, hosted.smoke if i == best else None,
+                lineage=lineage_of(dataset, code, spec, run_id, backend), cache_key=key,
+                hosting_instance=hosting_instance, tags=tags,
+                tolerance=base.registry.tolerance, auto_approve=base.registry.auto_approve,
+                passed_over=f"sweep point {i + 1}: test accuracy "
+                            f"{results[i].test_accuracy:.4f} < the winner's "
+                            f"{winner.test_accuracy:.4f} (point {winner.index})")
+    hosted.raise_failure()
+
+    endpoint = hosted.summary(base, hosting_instance, timings)
+    summary = SweepSummary(
+        flow_run_id=run_id, backend=backend.name, max_parallel=parallel, stages=timings,
+        data=DataSummary(url=dataset.url, md5=dataset.md5, reused=dataset.reused,
+                         path=dataset.path, uri=data_uri),
+        points=results, smoke_test=hosted.smoke, endpoint=endpoint,
+        cost=estimate_cost(backend.name, [p.training for p in results if p.training],
+                           endpoint))
+    publish_sweep(summary)
+    return summary
