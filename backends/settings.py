@@ -11,7 +11,16 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "model_src"
 STATE_DIR_ENV = "CIFAR10_PIPELINE_HOME"
 
 
+PROJECT_ROOT = SOURCE_DIR.parent
+
+
 def state_dir() -> Path:
-    """The pipeline's local state (data, store, jobs, endpoints): ``$CIFAR10_PIPELINE_HOME``,
-    else ``~/.cifar10-pipeline``. The Makefile points it at the project's ``.state/``."""
-    return Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".cifar10-pipeline").resolve()
+    """The pipeline's local state (data, store, jobs, endpoints, registry):
+    ``$CIFAR10_PIPELINE_HOME``; else, run from a checkout of the project, its ``.state/``, where
+    ``make run`` keeps it too (so ``.venv/bin/cifar10-pipeline models list`` finds what
+    ``make run`` registered); else ``~/.cifar10-pipeline``."""
+    if configured := os.environ.get(STATE_DIR_ENV):
+        return Path(configured).resolve()
+    if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "Makefile").is_file():
+        return PROJECT_ROOT / ".state"
+    return (Path.home() / ".cifar10-pipeline").resolve()

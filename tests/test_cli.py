@@ -91,3 +91,18 @@ def test_durations():
     assert parse_duration("1.5d").total_seconds() == 129600
     with pytest.raises(Exception, match="not a duration"):
         parse_duration("soon")
+
+
+def test_the_cli_and_make_run_share_the_checkouts_state(monkeypatch, tmp_path):
+    """Run from a checkout, `cifar10-pipeline models list` must see what `make run` (which sets
+    CIFAR10_PIPELINE_HOME to the checkout's .state/) registered."""
+    from backends import settings
+
+    monkeypatch.delenv(settings.STATE_DIR_ENV)
+    assert settings.state_dir() == settings.PROJECT_ROOT / ".state"
+    monkeypatch.setenv(settings.STATE_DIR_ENV, str(tmp_path))
+    assert settings.state_dir() == tmp_path.resolve()
+    monkeypatch.delenv(settings.STATE_DIR_ENV)
+    monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path)  # an installed package
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert settings.state_dir() == (tmp_path / "home" / ".cifar10-pipeline").resolve()
