@@ -203,6 +203,11 @@ class Backend(abc.ABC):
         streaming its log lines to ``on_log``. Raises ``TrainingJobFailed`` unless Completed."""
 
     @abc.abstractmethod
+    def stop_training(self, job_name: str) -> bool:
+        """Stops the training job if it is still running (from any process: the one waiting
+        for it may be another thread, or gone). True when it was running."""
+
+    @abc.abstractmethod
     def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
         """Creates model, endpoint config and endpoint; returns once it is InService."""
 

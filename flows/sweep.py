@@ -21,7 +21,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as current_flow_run
 
-from backends.base import TrainingResult, managed_tags
+from backends.base import Backend, TrainingResult, managed_tags
 from backends.local.training import usable_cpus
 from backends.settings import SOURCE_DIR
 from flows.config import SweepConfig, data_root, get_backend
@@ -58,10 +58,26 @@ def _run_name() -> str:
             f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def teardown_sweep_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    """Cancellation/crash hook: deletes the winner's endpoint, if it got that far."""
+def teardown_sweep(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Cancellation/crash hook (possibly in another process: the runner): stops the points'
+    training jobs still running, deletes the winner's endpoint if it got that far."""
     config = SweepConfig.model_validate(flow_run.parameters.get("config") or {})
+    run_id = str(flow_run.id)
+    stop_trainings(get_backend(config.base), [point_job_name(run_id, i + 1)
+                                              for i in range(len(config.points()))])
     teardown_run_endpoint(config.base, flow_run, state)
+
+
+def stop_trainings(backend: Backend, job_names: list[str]) -> None:
+    """Stops those of ``job_names`` still running: a cancelled sweep must not leave training
+    jobs running (on AWS, billing) in worker threads nobody waits for."""
+    log = logger()
+    for name in job_names:
+        try:
+            if backend.stop_training(name):
+                log.info("stopped training job %s", name)
+        except Exception as e:  # best effort: the next job still gets its stop
+            log.warning("could not stop training job %s: %s", name, e)
 
 
 def point_job_name(run_id: str, index: int) -> str:
@@ -88,7 +104,7 @@ def run_bounded(submit: Callable[[int], PrefectFuture], count: int,
 
 
 @flow(name="cifar10-sweep", flow_run_name=_run_name, log_prints=True,
-      on_cancellation=[teardown_sweep_endpoint], on_crashed=[teardown_sweep_endpoint])
+      on_cancellation=[teardown_sweep], on_crashed=[teardown_sweep])
 def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa: B008
     """Train one model per grid point in parallel, host and smoke-test the best, register all."""
     base = config.base
@@ -123,7 +139,11 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
                           if points[index].cache else None, cache_key=key)
 
     with stage(timings, "fit"):
-        futures = run_bounded(submit, len(points), parallel)
+        try:
+            futures = run_bounded(submit, len(points), parallel)
+        except BaseException:  # cancelled or interrupted while points train in other threads
+            stop_trainings(backend, [spec.job_name for spec, _ in jobs])
+            raise
 
     results: list[SweepPoint] = []
     trained: dict[int, TrainingResult] = {}

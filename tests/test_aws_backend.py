@@ -517,3 +517,19 @@ def test_list_endpoints_returns_only_the_pipelines(aws):
     assert [e.name for e in listed] == ["cifar10-mine"]
     assert listed[0].tags["owner"] == "run-1" and listed[0].instance_type == "ml.m5.large"
     assert listed[0].status == "InService" and listed[0].created.tzinfo is not None
+
+
+def test_stop_training_stops_only_a_running_job(aws):
+    """A cancelled sweep stops its points' jobs: StopTrainingJob for an InProgress job (billing
+    ends once it is Stopped), nothing for one that has ended or never was."""
+    backend = make_backend()
+    with Stubber(backend.aws.sagemaker) as stubber:
+        stubber.add_response("describe_training_job", described_job("InProgress"),
+                             expected_params={"TrainingJobName": JOB})
+        stubber.add_response("stop_training_job", {}, expected_params={"TrainingJobName": JOB})
+        stubber.add_response("describe_training_job", described_job("Completed"))
+        not_found(stubber, "describe_training_job", TrainingJobName="cifar10-never-was")
+        assert backend.stop_training(JOB) is True
+        assert backend.stop_training(JOB) is False
+        assert backend.stop_training("cifar10-never-was") is False
+        stubber.assert_no_pending_responses()

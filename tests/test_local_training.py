@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,42 @@ def test_job_over_its_max_runtime_is_stopped(backend, data_uri):
     record = backend.jobs.describe("job-slow")
     assert record.status == "Stopped"
     assert not any(processes.is_running(p["pid"], p["start"]) for p in record.processes)
+
+
+def test_a_running_job_is_stopped_on_request(backend, data_uri):
+    """StopTrainingJob from anywhere (a cancelled sweep stops jobs other threads wait for):
+    its hosts end, the job is Stopped, and the waiting caller hears so."""
+    import threading
+
+    from backends.local import processes
+
+    spec = TrainingSpec(job_name="job-stop-me", data_uri=data_uri,
+                        hyperparameters={"epochs": 10000, "batch-size": 16})
+    outcome: list[BaseException] = []
+    lines: list[str] = []
+
+    def wait_for_it() -> None:
+        try:
+            backend.train(spec, on_log=lines.append)
+        except BaseException as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    live_deadline = time.monotonic() + 120
+    while not any(line.startswith("epoch=1;") for line in list(lines)):
+        assert time.monotonic() < live_deadline, lines[-5:]
+        time.sleep(0.1)
+    assert backend.stop_training("job-stop-me") is True
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    [error] = outcome
+    assert isinstance(error, TrainingJobFailed) and error.status == "Stopped"
+    record = backend.jobs.describe("job-stop-me")
+    assert record.status == "Stopped" and "stopped on request" in record.failure_reason
+    assert not any(processes.is_running(p["pid"], p["start"]) for p in record.processes)
+    assert backend.stop_training("job-stop-me") is False  # already ended
+    assert backend.stop_training("job-never-was") is False
 
 
 def test_two_hosts_train_data_parallel(backend, data_uri):

@@ -89,6 +89,9 @@ class AwsBackend(Backend):
     def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
         return self.training.run(spec, on_log)
 
+    def stop_training(self, job_name: str) -> bool:
+        return self.training.stop(job_name)
+
     def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
         return self.endpoints.deploy(spec, on_log)
 

@@ -230,6 +230,16 @@ class AwsTrainingJobs:
             self._stop(name, emit)
             raise
 
+    def stop(self, name: str) -> bool:
+        """StopTrainingJob when the job is InProgress (SageMaker stops billing once it is
+        Stopped); False when it had already ended or does not exist."""
+        described = self.describe(name)
+        if described is None or described["TrainingJobStatus"] != "InProgress":
+            return False
+        unless_missing(f"stopping training job {name}", self.aws.sagemaker.stop_training_job,
+                       TrainingJobName=name)
+        return True
+
     def _stop(self, name: str, emit: LogCallback) -> None:
         try:
             self.aws.sagemaker.stop_training_job(TrainingJobName=name)

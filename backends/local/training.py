@@ -150,6 +150,20 @@ class LocalTrainingJobs:
             log_location=str(self.job_dir(record.name) / "training.log"),
         )
 
+    def stop(self, name: str) -> bool:
+        """Stops a running job's hosts (SIGTERM, then SIGKILL) and records it Stopped, from
+        any process; the runner waiting for it then reports it stopped."""
+        record = self.describe(name)
+        if record is None or record.status != "InProgress":
+            return False
+        for host in record.processes:
+            processes.terminate_group(host["pid"], host.get("start"), grace_seconds=5)
+        record.status = record.secondary_status = "Stopped"
+        record.failure_reason = "stopped on request (StopTrainingJob)"
+        record.ended = _now()
+        self._save(record)
+        return True
+
     # -- running -----------------------------------------------------------------------------
 
     def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
@@ -218,6 +232,9 @@ class LocalTrainingJobs:
 
         elapsed = time.monotonic() - started
         record.billable_seconds = math.ceil(elapsed) * spec.instance_count
+        stopped = self.describe(spec.job_name)
+        if stopped is not None and stopped.status == "Stopped":  # stop() ended its hosts
+            status, reason = "Stopped", stopped.failure_reason
         record.ended = _now()
         if status == "Completed":
             record.secondary_status = "Uploading"
