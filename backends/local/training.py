@@ -156,12 +156,13 @@ class LocalTrainingJobs:
         record = self.describe(name)
         if record is None or record.status != "InProgress":
             return False
-        for host in record.processes:
-            processes.terminate_group(host["pid"], host.get("start"), grace_seconds=5)
+        # Recorded first: the runner, seeing its hosts die, reads why before it reports.
         record.status = record.secondary_status = "Stopped"
         record.failure_reason = "stopped on request (StopTrainingJob)"
         record.ended = _now()
         self._save(record)
+        for host in record.processes:
+            processes.terminate_group(host["pid"], host.get("start"), grace_seconds=5)
         return True
 
     # -- running -----------------------------------------------------------------------------

@@ -169,7 +169,10 @@ class SageMakerStandIn:
         self.root = root
         self.trained: list[str] = []
         self.served: list[str] = []
-        self._params: dict[str, dict[str, Any]] = {}
+        # A call's parameters until its response, per thread: a sweep's points call
+        # CreateTrainingJob concurrently.
+        self._params: dict[tuple[int, str], dict[str, Any]] = {}
+        self._log_group_lock = threading.Lock()
 
     def attach(self, session: boto3.Session) -> None:
         for operation in ("CreateTrainingJob", "CreateEndpoint", "DeleteEndpoint"):
@@ -178,12 +181,12 @@ class SageMakerStandIn:
             session.events.register(f"after-call.sagemaker.{operation}", self._after)
 
     def _remember(self, model, params, **kwargs) -> None:
-        self._params[model.name] = dict(params)
+        self._params[threading.get_ident(), model.name] = dict(params)
 
     def _after(self, model, http_response, **kwargs) -> None:
         if http_response.status_code >= 300:  # the call failed: nothing happened
             return
-        params = self._params.pop(model.name)
+        params = self._params.pop((threading.get_ident(), model.name))
         {"CreateTrainingJob": self.run_training_job, "CreateEndpoint": self.start_endpoint,
          "DeleteEndpoint": self.stop_endpoint}[model.name](params)
 
@@ -199,8 +202,9 @@ class SageMakerStandIn:
                       Body=tar_gz({"metrics.json": json.dumps(self.model.metrics).encode()}))
         logs = self.account.logs
         group, stream = "/aws/sagemaker/TrainingJobs", f"{name}/algo-1-1700000000"
-        if not logs.describe_log_groups(logGroupNamePrefix=group)["logGroups"]:
-            logs.create_log_group(logGroupName=group)
+        with self._log_group_lock:  # concurrent jobs: the group is created once
+            if not logs.describe_log_groups(logGroupNamePrefix=group)["logGroups"]:
+                logs.create_log_group(logGroupName=group)
         logs.create_log_stream(logGroupName=group, logStreamName=stream)
         now = int(time.time() * 1000)  # CloudWatch drops events older than 14 days
         logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
