@@ -355,12 +355,13 @@ def list_models(
         typer.echo(f"no versions in {group}")
         return
     typer.echo(f"{'':1} {'version':>7}  {'status':<21} {'test acc':>8} {'smoke':>6}  "
-               f"{'data md5':<10} {'code':<10} {'created':<25} training job")
+               f"{'data md5':<10} {'code':<10} {'created':<25} {'training job':<24} reason")
     for row in rows:
         typer.echo(f"{'*' if row['champion'] else ' '} {row['version']:>7}  "
                    f"{row['status']:<21} {row['test_accuracy'] or 0:>8.4f} "
                    f"{_smoke(row['smoke_accuracy']):>6}  {row['data_md5'][:10]:<10} "
-                   f"{row['code_digest'][:10]:<10} {row['created']:<25} {row['training_job']}")
+                   f"{row['code_digest'][:10]:<10} {row['created']:<25} "
+                   f"{row['training_job']:<24} {row['reason']}")
 
 
 def _smoke(accuracy: float | None) -> str:

@@ -185,7 +185,8 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     hosted = host_and_smoke_test(backend, base, name, trained[best].model_uri, dataset,
                                  hosting_instance, run_id, timings)
     with stage(timings, "register"):
-        for i, result in trained.items():
+        # The winner first: its version number follows the champion's it was measured against.
+        for i, result in sorted(trained.items(), key=lambda item: item[0] != best):
             spec, key = jobs[i]
             results[i].registry = register_model(
                 backend, base.registry.group, result, hosted.smoke if i == best else None,

@@ -147,6 +147,8 @@ def test_models_commands(tmp_path, monkeypatch):
     assert listed[1]["data_md5"] == "0" * 32 and listed[1]["training_job"] == "job-2"
     text = runner.invoke(app, ["models", "list"]).stdout
     assert any(line.startswith("*       1") for line in text.splitlines())
+    [second] = [line for line in text.splitlines() if line.startswith("        2")]
+    assert second.endswith(listed[1]["reason"]) and "< champion v1" in second  # the decision
     approved = runner.invoke(app, ["models", "approve", "2", "--reason", "night images"])
     assert approved.exit_code == 0 and "v2: Approved (night images)" in approved.stdout
     rejected = runner.invoke(app, ["models", "reject", "1"])

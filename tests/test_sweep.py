@@ -108,6 +108,7 @@ def test_every_completed_point_is_registered_the_winner_through_the_gate(swept):
                                          if p.training and not p.winner)
     assert winner.registry.status == APPROVED
     assert loser.registry.status == REJECTED
+    assert winner.registry.version < loser.registry.version  # registered first
     assert f"< the winner's {winner.test_accuracy:.4f}" in loser.registry.reason
     versions = {v.version: v for v in LocalBackend().list_model_versions("cifar10-pipeline")}
     assert versions[winner.registry.version].metrics["smoke_accuracy"] == \
