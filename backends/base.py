@@ -80,6 +80,10 @@ class UploadReport:
     removed: int  # no longer in the directory
     bytes_uploaded: int
 
+    def summary(self) -> str:
+        return (f"uploaded {self.uploaded} files ({self.bytes_uploaded / 1e6:.1f} MB), skipped "
+                f"{self.skipped} unchanged, removed {self.removed} to {self.uri}")
+
 
 @dataclass(frozen=True)
 class TrainingSpec:
@@ -105,7 +109,8 @@ class TrainingResult:
 
 # A model version's approval status, SageMaker Model Registry's words.
 APPROVED, REJECTED, PENDING = "Approved", "Rejected", "PendingManualApproval"
-APPROVAL_STATUSES = (APPROVED, REJECTED, PENDING)
+# A model package group's name, as SageMaker allows it (the local registry checks it too).
+MODEL_GROUP_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,10 @@ class ModelVersionSpec:
     model_uri: str
     training_job: str
     cache_key: str  # what made it: data, code, hyperparameters, instances, backend
-    status: str  # one of APPROVAL_STATUSES
+    status: str  # APPROVED, REJECTED or PENDING
     reason: str  # why that status
     metrics: dict[str, float]  # test_accuracy, test_loss, smoke_accuracy
     lineage: dict[str, str]  # data_url, data_md5, code_digest, hyperparameters, flow_run_id...
-    image: str | None = None  # the serving image (aws)
     instance_type: str = "local"  # the hosting instance the smoke test used
     tags: dict[str, str] = field(default_factory=dict)
 

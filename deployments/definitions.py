@@ -85,14 +85,10 @@ def reaper_parameters() -> dict[str, Any]:
     return {"backend": "local", "older_than_minutes": REAPER_TTL_MINUTES, "dry_run": False}
 
 
-def pipeline_deployment(cron: str = PIPELINE_CRON, timezone: str | None = None,
-                        parameters: dict[str, Any] | None = None) -> RunnerDeployment:
-    return cifar10_pipeline.to_deployment(
-        name=PIPELINE_DEPLOYMENT,
-        schedules=[Cron(cron, timezone=checked_timezone(timezone))],
-        parameters=parameters or pipeline_parameters(),
-        description=PIPELINE_DESCRIPTION,
-        tags=TAGS,
+def _deployment(flow: Any, **settings: Any) -> RunnerDeployment:
+    """``flow.to_deployment(**settings)`` with what every deployment here shares."""
+    return flow.to_deployment(
+        **settings,
         version=project_version(),
         # The API validates run parameters against the flow's schema (the default, stated
         # because the "rejected before anything starts" guarantee depends on it).
@@ -102,30 +98,28 @@ def pipeline_deployment(cron: str = PIPELINE_CRON, timezone: str | None = None,
     )
 
 
-def reaper_deployment(cron: str = REAPER_CRON, timezone: str | None = None) -> RunnerDeployment:
-    return reap_endpoints_flow.to_deployment(
-        name=REAPER_DEPLOYMENT,
+def pipeline_deployment(cron: str = PIPELINE_CRON, timezone: str | None = None,
+                        parameters: dict[str, Any] | None = None) -> RunnerDeployment:
+    return _deployment(
+        cifar10_pipeline, name=PIPELINE_DEPLOYMENT,
         schedules=[Cron(cron, timezone=checked_timezone(timezone))],
-        parameters=reaper_parameters(),
-        description=REAPER_DESCRIPTION,
-        tags=[*TAGS, "reaper"],
-        version=project_version(),
-        enforce_parameter_schema=True,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+        parameters=parameters or pipeline_parameters(), description=PIPELINE_DESCRIPTION,
+        tags=TAGS)
 
 
-def sweep_parameters(config: SweepConfig | None = None) -> dict[str, Any]:
-    return {"config": (config or SweepConfig()).model_dump(mode="json")}
+def reaper_deployment(cron: str = REAPER_CRON, timezone: str | None = None) -> RunnerDeployment:
+    return _deployment(
+        reap_endpoints_flow, name=REAPER_DEPLOYMENT,
+        schedules=[Cron(cron, timezone=checked_timezone(timezone))],
+        parameters=reaper_parameters(), description=REAPER_DESCRIPTION,
+        tags=[*TAGS, "reaper"])
+
+
+def sweep_parameters() -> dict[str, Any]:
+    return {"config": SweepConfig().model_dump(mode="json")}
 
 
 def sweep_deployment() -> RunnerDeployment:
-    return cifar10_sweep.to_deployment(
-        name=SWEEP_DEPLOYMENT,
-        parameters=sweep_parameters(),
-        description=SWEEP_DESCRIPTION,
-        tags=[*TAGS, "sweep"],
-        version=project_version(),
-        enforce_parameter_schema=True,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    """Not scheduled: a sweep runs when someone asks for one."""
+    return _deployment(cifar10_sweep, name=SWEEP_DEPLOYMENT, parameters=sweep_parameters(),
+                       description=SWEEP_DESCRIPTION, tags=[*TAGS, "sweep"])

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.base import Backend, ConfigurationError
+from backends.base import MODEL_GROUP_PATTERN, Backend, ConfigurationError
 from backends.settings import state_dir
 from model_src.cifar import whole_if_integral
 from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL
@@ -73,7 +73,7 @@ class SmokeTestSettings(_Section):
 
 
 class RegistrySettings(_Section):
-    group: str = Field("cifar10-pipeline", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
+    group: str = Field("cifar10-pipeline", pattern=MODEL_GROUP_PATTERN,
                        description="model package group every trained model is registered in")
     auto_approve: bool = Field(True, description="let the promotion gate approve or reject; "
                                                  "false leaves versions pending a person")
@@ -125,16 +125,14 @@ class PipelineConfig(_Section):
         return self.training.instance_type, self.endpoint.instance_type
 
 
-# What a sweep may vary: the grid's field → the TrainingSettings field it sets.
-SWEEPABLE = {"learning_rate": "learning_rate", "epochs": "epochs", "model": "model",
-             "batch_size": "batch_size", "seed": "seed"}
 MAX_SWEEP_POINTS = 64
 AWS_DEFAULT_PARALLEL_JOBS = 4  # within SageMaker's default per-instance-type quota
 
 
 class SweepGrid(_Section):
-    """The values to try; every combination of the non-empty lists is one point (one training
-    job). An empty list keeps the base config's value."""
+    """The values to try, each field named as the TrainingSettings field it sets; every
+    combination of the non-empty lists is one point (one training job). An empty list keeps
+    the base config's value."""
 
     learning_rate: list[float] = Field([0.025, 0.05, 0.1], description="learning rates")
     epochs: list[float] = Field([], description="passes over the training set")
@@ -173,9 +171,7 @@ class SweepConfig(_Section):
         """One training configuration per grid point (at least one: the base)."""
         swept = self.grid.swept()
         base = self.base.training.model_dump()
-        return [TrainingSettings.model_validate(
-                    {**base, **{SWEEPABLE[name]: value for name, value in zip(swept, combo,
-                                                                               strict=True)}})
+        return [TrainingSettings.model_validate({**base, **dict(zip(swept, combo, strict=True))})
                 for combo in itertools.product(*swept.values())]
 
     def parallel_jobs(self, usable_cpus: int) -> int:

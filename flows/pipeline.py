@@ -210,7 +210,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
     name = resource_name(run_id)
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
     timings: dict[str, float] = {}
-    training_instance, hosting_instance = config.instance_types()
+    _, hosting_instance = config.instance_types()
 
     with stage(timings, "download"):
         dataset = download_data(config.data.url, config.data.md5, data_root())
@@ -235,16 +235,11 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
             tolerance=config.registry.tolerance, auto_approve=config.registry.auto_approve)
     hosted.raise_failure()
 
-    training_summary = TrainingSummary(
-        job_name=training.job_name, model_uri=training.model_uri,
-        billable_seconds=training.billable_seconds, instance_type=training_instance,
-        instance_count=config.training.instance_count, metrics=training.metrics,
-        cached_from=training.cached_from)
+    training_summary = TrainingSummary.of(training, spec)
     endpoint_summary = hosted.summary(config, hosting_instance, timings)
     summary = RunSummary(
         flow_run_id=run_id, backend=backend.name, stages=timings,
-        data=DataSummary(url=dataset.url, md5=dataset.md5, reused=dataset.reused,
-                         path=dataset.path, uri=data_uri),
+        data=DataSummary.of(dataset, data_uri),
         training=training_summary, smoke_test=hosted.smoke, endpoint=endpoint_summary,
         cost=estimate_cost(backend.name, [training_summary], endpoint_summary),
         registry=registration)

@@ -115,7 +115,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     run_id = str(current_flow_run.id or uuid.uuid4())
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
     timings: dict[str, float] = {}
-    training_instance, hosting_instance = base.instance_types()
+    _, hosting_instance = base.instance_types()
     swept = config.grid.swept()
     log.info("sweep of %d points over %s, at most %d training jobs at once", len(points),
              ", ".join(swept) or "nothing (the base config)", parallel)
@@ -161,11 +161,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
             trained[i] = result
             point.status = "Cached" if result.cached_from else "Completed"
             point.test_accuracy = float(result.metrics.get("test_accuracy", 0.0))
-            point.training = TrainingSummary(
-                job_name=result.job_name, model_uri=result.model_uri,
-                billable_seconds=result.billable_seconds, instance_type=training_instance,
-                instance_count=spec.instance_count, metrics=result.metrics,
-                cached_from=result.cached_from)
+            point.training = TrainingSummary.of(result, spec)
         else:
             error = future.result(raise_on_failure=False)
             point.error = (f"{type(error).__name__}: {error}" if isinstance(error, BaseException)
@@ -201,8 +197,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     endpoint = hosted.summary(base, hosting_instance, timings)
     summary = SweepSummary(
         flow_run_id=run_id, backend=backend.name, max_parallel=parallel, stages=timings,
-        data=DataSummary(url=dataset.url, md5=dataset.md5, reused=dataset.reused,
-                         path=dataset.path, uri=data_uri),
+        data=DataSummary.of(dataset, data_uri),
         points=results, smoke_test=hosted.smoke, endpoint=endpoint,
         cost=estimate_cost(backend.name, [p.training for p in results if p.training],
                            endpoint))

@@ -101,7 +101,7 @@ def smoke_predict(backend: Backend, endpoint_name: str, dataset: Dataset, images
     log.info("smoke test of %s: %d/%d correct (accuracy %.3f, floor %.3f) in %d requests, "
              "%.2fs", endpoint_name, int(correct.sum()), count, accuracy, accuracy_floor,
              result.requests, seconds)
-    if accuracy < accuracy_floor:
+    if not result.passed:
         raise AccuracyBelowFloor(f"endpoint {endpoint_name} scored {accuracy:.3f} on {count} "
                                  f"test images, under the accuracy floor {accuracy_floor:.3f}",
                                  result)

@@ -40,7 +40,7 @@ def register_model(backend: Backend, group: str, training: TrainingResult,
         if not auto_approve:
             status, reason = PENDING, f"awaiting manual approval ({reason})"
     else:
-        status, reason = decide(test_accuracy, smoke.accuracy >= smoke.accuracy_floor,
+        status, reason = decide(test_accuracy, smoke.passed,
                                 smoke.accuracy, smoke.accuracy_floor, before, tolerance,
                                 auto_approve)
         metrics["smoke_accuracy"] = smoke.accuracy

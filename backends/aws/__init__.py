@@ -82,8 +82,7 @@ class AwsBackend(Backend):
         report = mirror_directory(self.aws.s3, Path(local_dir), self.bucket(),
                                   f"{self.options.prefix}/data")
         if on_log:
-            on_log(f"uploaded {report.uploaded} files ({report.bytes_uploaded / 1e6:.1f} MB), "
-                   f"skipped {report.skipped} unchanged, removed {report.removed} to {report.uri}")
+            on_log(report.summary())
         return report.uri
 
     def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
@@ -108,8 +107,7 @@ class AwsBackend(Backend):
         return self.endpoints.delete(name)
 
     def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
-        return self.registry.register(spec, spec.image or self.endpoints.image(
-            spec.instance_type))
+        return self.registry.register(spec, self.endpoints.image(spec.instance_type))
 
     def list_model_versions(self, group: str) -> list[ModelVersion]:
         return self.registry.versions(group)

@@ -43,10 +43,13 @@ class AwsRegistry:
     def sm(self) -> Any:
         return self.aws.sagemaker
 
+    def _group_exists(self, group: str) -> bool:
+        return unless_missing(f"finding model package group {group}",
+                              self.sm.describe_model_package_group,
+                              ModelPackageGroupName=group) is not None
+
     def ensure_group(self, group: str, tags: dict[str, str]) -> None:
-        if unless_missing(f"finding model package group {group}",
-                          self.sm.describe_model_package_group,
-                          ModelPackageGroupName=group) is not None:
+        if self._group_exists(group):
             return
         with aws_errors(f"creating model package group {group}"):
             self.sm.create_model_package_group(
@@ -91,9 +94,7 @@ class AwsRegistry:
         return s3_uri(self.bucket(), key)
 
     def versions(self, group: str) -> list[ModelVersion]:
-        if unless_missing(f"finding model package group {group}",
-                          self.sm.describe_model_package_group,
-                          ModelPackageGroupName=group) is None:
+        if not self._group_exists(group):
             return []
         with aws_errors(f"listing the versions of model package group {group}"):
             pages = self.sm.get_paginator("list_model_packages").paginate(

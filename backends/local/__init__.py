@@ -58,8 +58,7 @@ class LocalBackend(Backend):
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
         report = self.store.upload_dir(Path(local_dir), "data")
         if on_log:
-            on_log(f"uploaded {report.uploaded} files ({report.bytes_uploaded / 1e6:.1f} MB), "
-                   f"skipped {report.skipped} unchanged, removed {report.removed} to {report.uri}")
+            on_log(report.summary())
         return report.uri
 
     def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:

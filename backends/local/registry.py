@@ -16,10 +16,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from backends.base import BackendError, ModelVersion, ModelVersionSpec
+from backends.base import MODEL_GROUP_PATTERN, BackendError, ModelVersion, ModelVersionSpec
 from backends.files import atomic_write_text
 
-GROUP_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's group names
+GROUP_NAME = re.compile(MODEL_GROUP_PATTERN)
 VERSION_FILE = re.compile(r"^v(\d+)\.json$")
 
 

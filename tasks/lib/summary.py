@@ -7,6 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from backends.base import TrainingResult, TrainingSpec
+from tasks.lib.download import Dataset
+
 # Approximate on-demand prices (USD per instance-hour, us-east-1, Linux), for an order of
 # magnitude only: check https://aws.amazon.com/sagemaker/pricing/ for your region and date.
 PRICES_PER_HOUR = {
@@ -26,6 +29,10 @@ class SmokeTestResult(BaseModel):
     requests: int
     seconds: float
 
+    @property
+    def passed(self) -> bool:
+        return self.accuracy >= self.accuracy_floor
+
 
 class DataSummary(BaseModel):
     url: str
@@ -33,6 +40,11 @@ class DataSummary(BaseModel):
     reused: bool  # a verified copy was already in place: nothing downloaded
     path: str
     uri: str  # the training channel in the backend's store
+
+    @classmethod
+    def of(cls, dataset: Dataset, uri: str) -> DataSummary:
+        return cls(url=dataset.url, md5=dataset.md5, reused=dataset.reused, path=dataset.path,
+                   uri=uri)
 
 
 class TrainingSummary(BaseModel):
@@ -43,6 +55,13 @@ class TrainingSummary(BaseModel):
     instance_count: int
     metrics: dict[str, Any]  # the entry script's metrics.json
     cached_from: str | None = None  # the earlier job reused instead of training
+
+    @classmethod
+    def of(cls, result: TrainingResult, spec: TrainingSpec) -> TrainingSummary:
+        return cls(job_name=result.job_name, model_uri=result.model_uri,
+                   billable_seconds=result.billable_seconds, instance_type=spec.instance_type,
+                   instance_count=spec.instance_count, metrics=result.metrics,
+                   cached_from=result.cached_from)
 
 
 class RegistrySummary(BaseModel):
