@@ -118,7 +118,7 @@ worker: setup | prefect-home  ## work-pool route: a process worker that runs the
 bench: setup | isolated-prefect-home  ## run every benchmark in bench/ and print one table (~25 min; BENCH_ARGS=--quick)
 	$(ISOLATED_PREFECT) $(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
-soak: setup | isolated-prefect-home  ## the long endpoint soak run (CI runs a 20-second one); SOAK_SECONDS=180 by default
+soak: setup | isolated-prefect-home  ## the long endpoint soak run (make test runs an 8-second one); SOAK_SECONDS=180 by default
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(ISOLATED_PREFECT) $(BIN)/pytest -m soak -s $(PYTEST_ARGS)
 
 clean:  ## remove the virtual environment and all local state

@@ -4,6 +4,8 @@ no test leaves a local endpoint process behind."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # starts, get their share. OpenMP threads that spin on an oversubscribed core stall everything.
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+# The tests keep more processes busy than there are cores (workers, training hosts, model
+# servers, Prefect servers): an OpenMP thread waiting for work sleeps instead of spinning on a
+# core another process needs (on two cores, a tenth of the suite's CPU time).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
 from tests.support.synthetic import make_cifar_dir
 
@@ -140,24 +146,63 @@ def cifar_tarball(http_root) -> tuple[str, str]:
     return "cifar-10-python.tar.gz", md5
 
 
+def pytest_sessionstart(session) -> None:
+    """The controller (or a run without workers) starts creating the Prefect database that
+    the tests' servers copy (``prefect_database``) at once, in the background: it is ready
+    when the first test needs it instead of making that test wait."""
+    if hasattr(session.config, "workerinput"):
+        return  # a pytest-xdist worker: the controller has started it
+    from tests.support.live import create_database_in_background
+
+    shared = session.config._tmp_path_factory.getbasetemp()
+    session.config.stash[DATABASE_CREATION] = create_database_in_background(
+        shared / PREFECT_DATABASE)
+
+
+PREFECT_DATABASE = "prefect-database"
+DATABASE_CREATION = pytest.StashKey[subprocess.Popen]()
+
+
 @pytest.fixture(scope="session")
-def prefect_harness():
+def prefect_database(tmp_path_factory) -> Path:
+    """A migrated Prefect database that every test's Prefect server starts from (a copy
+    each), created once per session (see ``pytest_sessionstart``): pytest-xdist workers share
+    it, and wait under its lock while it is being created."""
+    from tests.support.live import migrated_database
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' base directories lie side by side in it
+    return migrated_database(shared / PREFECT_DATABASE)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_database, tmp_path_factory):
     """A temporary Prefect API on SQLite for the whole session, heartbeats off (each flow
     call would otherwise wait on the heartbeat thread)."""
+    import prefect.testing.utilities
     from prefect.settings import temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}), \
-            prefect_test_harness(server_startup_timeout=120):
-        yield
+    from tests.support.live import seed_database
+
+    # The harness keeps its database in a new mkdtemp() directory: hand it one that holds a
+    # copy of the migrated database, so that its server starts without creating the schema.
+    directory = tmp_path_factory.mktemp("prefect-harness")
+    seed_database(prefect_database, directory / "prefect-test.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prefect.testing.utilities, "mkdtemp", lambda: str(directory))
+        with temporary_settings(updates={"flows.heartbeat_frequency": None}), \
+                prefect.testing.utilities.prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 # The longest modules first, longest first, the rest after in file order: parallel workers
 # then finish together instead of one running a long module alone at the end (the first one
 # also mostly waits, on heartbeats and crash detection, which the others' work fills).
 LONGEST_MODULES = ("test_faults_live.py", "test_faults.py", "test_ui_e2e.py",
-                   "test_prefect_api.py", "test_flow.py", "test_aws_flow.py", "test_sweep.py",
-                   "test_endpoint_abuse.py", "test_deployments.py", "test_entry_script.py")
+                   "test_prefect_api.py", "test_flow.py", "test_entry_script.py",
+                   "test_sagemaker_drivers.py", "test_aws_flow.py", "test_local_training.py",
+                   "test_deployments.py", "test_endpoint_abuse.py", "test_serving_toolkit.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -166,9 +211,14 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def pytest_sessionfinish(session) -> None:
-    """A pytest-xdist worker hands its report tables to the controller, which prints them."""
+    """A pytest-xdist worker hands its report tables to the controller, which prints them.
+    The controller stops the database creation it started if a short run ended first."""
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["report_tables"] = shipped()
+    elif creating := session.config.stash.get(DATABASE_CREATION, None):
+        if creating.poll() is None:  # no test needed it before the end
+            os.killpg(creating.pid, signal.SIGKILL)
+        creating.wait()
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -34,6 +34,7 @@ from deployments.definitions import (
     sweep_deployment,
 )
 from flows.config import PipelineConfig
+from tests.support import live
 from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -45,10 +46,12 @@ STAGE_TASKS = ["download_data", "preview_data", "upload_data", "fit", "deploy", 
 
 
 def api() -> httpx.Client:
-    """A plain HTTP client for the harness's API: the REST calls a UI or script makes."""
+    """A plain HTTP client for the harness's API: the REST calls a UI or script makes (that
+    retries a busy database's 503, as Prefect's own client does)."""
     from prefect.settings import get_current_settings
 
-    return httpx.Client(base_url=get_current_settings().api.url, timeout=30)
+    return httpx.Client(base_url=get_current_settings().api.url, timeout=30,
+                        transport=live.RetryingTransport())
 
 
 def flow_runs_of(deployment_id, auto_scheduled: bool = False) -> list[dict[str, Any]]:

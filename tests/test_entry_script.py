@@ -103,11 +103,27 @@ def test_fractional_epochs_end_the_last_pass_early(tmp_path, cifar_dir):
         (66.7, "epoch 1, step 32/48"), (100.0, "epoch 2, step 48/48")]
 
 
+def parse_in_process(argv: list[str], environment: dict[str, str], monkeypatch,
+                     capsys) -> tuple[int, str, str]:
+    """The entry script's argument parsing as its process would run it, in this one (the
+    script exits before training: a process of its own would only add importing torch):
+    its exit status, stdout and stderr, under exactly ``environment``."""
+    for name in os.environ.keys() - environment.keys():
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(argv)
+    out, err = capsys.readouterr()
+    return exit.value.code, out, err
+
+
 @pytest.mark.parametrize("epochs", ["0", "-1", "inf", "nan"])
-def test_epochs_must_be_positive_and_finite(tmp_path, cifar_dir, epochs):
-    result = run_entry_script(["--epochs", epochs], sagemaker_env(tmp_path, cifar_dir), tmp_path)
-    assert result.returncode == 2
-    assert "--epochs must be > 0" in result.stderr
+def test_epochs_must_be_positive_and_finite(tmp_path, cifar_dir, epochs, monkeypatch, capsys):
+    returncode, _, stderr = parse_in_process(
+        ["--epochs", epochs], sagemaker_env(tmp_path, cifar_dir), monkeypatch, capsys)
+    assert returncode == 2
+    assert "--epochs must be > 0" in stderr
 
 
 def native_bf16_as_torch_reports() -> bool:
@@ -242,13 +258,13 @@ def test_batch_files_cannot_run_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_help_runs_without_sagemaker_environment(tmp_path):
-    env = {"PATH": "/usr/bin:/bin"}
-    result = run_entry_script(["--help"], env, tmp_path)
-    assert result.returncode == 0
+def test_help_runs_without_sagemaker_environment(monkeypatch, capsys):
+    returncode, stdout, _ = parse_in_process(["--help"], {"PATH": "/usr/bin:/bin"},
+                                             monkeypatch, capsys)
+    assert returncode == 0
     for option in ("--epochs", "--batch-size", "--lr", "--momentum", "--model", "--seed",
                    "--workers", "--dist-backend", "--hosts", "--current-host", "--num-gpus"):
-        assert option in result.stdout
+        assert option in stdout
 
 
 def test_reads_any_well_formed_batch_directory(tmp_path):

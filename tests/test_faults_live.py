@@ -21,6 +21,7 @@ process group and is stopped with it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +102,9 @@ def fault_env(control: Path, home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[live.Server]:
-    with live.prefect_server(tmp_path_factory.mktemp("faults-server")) as server:
+def server(tmp_path_factory, prefect_database) -> Iterator[live.Server]:
+    with live.prefect_server(tmp_path_factory.mktemp("faults-server"),
+                             database=prefect_database) as server:
         yield server
 
 
@@ -221,9 +225,9 @@ def _read(path: Path) -> str:
         return ""
 
 
-# --- SIGKILL of runs nobody supervises. Started first: the crash detection that marks them
-# Crashed takes up to ~45 s after the kill, so the module's last tests check it while the
-# other scenarios have run meanwhile. ---------------------------------------------------------
+# --- SIGKILL of runs nobody supervises. Started first, both at once: the crash detection that
+# marks them Crashed takes up to ~50 s after the kill, so the module's last tests check it while
+# the other scenarios have run meanwhile. -----------------------------------------------------
 
 @dataclass
 class KilledRun:
@@ -263,10 +267,11 @@ def cli_run(http_server: str, cifar_tarball: tuple[str, str]) -> list[str]:
             "--smoke-images", "100", "--accuracy-floor", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def killed_local_run(server, served, http_server, cifar_tarball) -> Iterator[KilledRun]:
+@contextlib.contextmanager
+def killed_local_run_on(server: live.Server, http_server: str,
+                        cifar_tarball: tuple[str, str]) -> Iterator[KilledRun]:
     """`cifar10-pipeline run` against the server, SIGKILLed while its smoke test is using the
-    endpoint. (`served` installed the crash-detection automation on this server.)"""
+    endpoint."""
     started = time.monotonic()
     base = server.logs / "unsupervised-local"
     env = {**server.env, **fault_env(base / "control", base / "home")}
@@ -284,34 +289,15 @@ def killed_local_run(server, served, http_server, cifar_tarball) -> Iterator[Kil
         delete_every_endpoint(LocalBackend(root=base / "home"))
 
 
-def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run):
-    killed = killed_local_run
-    home = server.logs / "unsupervised-local" / "home"
-    backend = LocalBackend(root=home)
-    # By design an endpoint is not tied to the process that deployed it (a SageMaker endpoint
-    # is not either): it survives, and the run, unable to report, still says Running.
-    survivor = backend.describe_endpoint(killed.name)
-    assert survivor is not None and survivor.status == "InService", survivor
-    assert alive(killed.server_pid)
-    assert flow_run(server, killed.run_id)["state_type"] == "RUNNING"
-
-    killed.reaped = reap_with_the_cli(server, home)
-    killed.leaks = local_leaks(home)
-    assert killed.reaped == [killed.name]
-    assert backend.describe_endpoint(killed.name) is None
-    assert not alive(killed.server_pid)
-    assert killed.leaks == {"endpoints": 0, "configs": "-", "models": "-", "processes": 0}
-
-
 @dataclass
 class KilledAwsRun(KilledRun):
     account: Any = None  # tests.support.aws_fakes.MotoAccount
     stand_in: Any = None  # tests.support.aws_fakes.SageMakerStandIn, on the killed run's root
 
 
-@pytest.fixture(scope="module")
-def killed_aws_run(server, served, moto_server, trained_model, http_server,
-                   cifar_tarball) -> Iterator[KilledAwsRun]:
+@contextlib.contextmanager
+def killed_aws_run_on(server: live.Server, moto_server: str, trained_model, http_server: str,
+                      cifar_tarball: tuple[str, str]) -> Iterator[KilledAwsRun]:
     """The pipeline on the AWS backend (moto + the stand-in) in a process of its own, against
     the server, SIGKILLed while its smoke test is using the endpoint."""
     started = time.monotonic()
@@ -348,6 +334,50 @@ def killed_aws_run(server, served, moto_server, trained_model, http_server,
                            account=account, stand_in=stand_in)
     finally:
         stand_in.close()  # stops what a failed scenario left serving
+
+
+@pytest.fixture(scope="module")
+def killed_runs(server, served, moto_server, trained_model, http_server,
+                cifar_tarball) -> Iterator[tuple[KilledRun, KilledAwsRun]]:
+    """Both unsupervised runs, local and AWS, started together and SIGKILLed (`served`
+    installed the crash-detection automation on this server): the wait for their crash
+    detection, the module's longest, then runs for both at once."""
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
+        local = pool.submit(stack.enter_context,
+                            killed_local_run_on(server, http_server, cifar_tarball))
+        aws = pool.submit(stack.enter_context, killed_aws_run_on(
+            server, moto_server, trained_model, http_server, cifar_tarball))
+        futures.wait([local, aws])
+        yield local.result(), aws.result()
+
+
+@pytest.fixture(scope="module")
+def killed_local_run(killed_runs) -> KilledRun:
+    return killed_runs[0]
+
+
+@pytest.fixture(scope="module")
+def killed_aws_run(killed_runs) -> KilledAwsRun:
+    return killed_runs[1]
+
+
+def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run):
+    killed = killed_local_run
+    home = server.logs / "unsupervised-local" / "home"
+    backend = LocalBackend(root=home)
+    # By design an endpoint is not tied to the process that deployed it (a SageMaker endpoint
+    # is not either): it survives, and the run, unable to report, still says Running.
+    survivor = backend.describe_endpoint(killed.name)
+    assert survivor is not None and survivor.status == "InService", survivor
+    assert alive(killed.server_pid)
+    assert flow_run(server, killed.run_id)["state_type"] == "RUNNING"
+
+    killed.reaped = reap_with_the_cli(server, home)
+    killed.leaks = local_leaks(home)
+    assert killed.reaped == [killed.name]
+    assert backend.describe_endpoint(killed.name) is None
+    assert not alive(killed.server_pid)
+    assert killed.leaks == {"endpoints": 0, "configs": "-", "models": "-", "processes": 0}
 
 
 def test_sigkill_unsupervised_aws_run_then_the_reaper(server, killed_aws_run):

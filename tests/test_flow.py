@@ -1,14 +1,23 @@
 """The whole flow on the local backend, on generated data served over loopback HTTP (the real
-download code): every stage, the artifacts, guaranteed teardown, the cached download. Teardown
-under injected faults (every stage after deploy starts): test_faults.py."""
+download code): every stage, the artifacts, guaranteed teardown, the cached download, and the
+training cache (a run reuses an earlier run's training only when nothing that made it changed).
+Teardown under injected faults (every stage after deploy starts): test_faults.py; the
+registry's promotion gate: test_registry.py."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from backends.base import APPROVED
 from backends.local import LocalBackend
+from backends.local.store import path_from_uri
 from flows.pipeline import cifar10_pipeline, resource_name
-from tests.support.pipeline import ARTIFACT_KEYS, artifacts_of, config_for
+from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
+
+GROUP = "cifar10-pipeline"
 
 
 def assert_no_endpoint_left(run_id) -> None:
@@ -18,12 +27,25 @@ def assert_no_endpoint_left(run_id) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def own_state_dir(tmp_path_factory):
-    """This module's runs start from an empty state directory: the first one must download
-    (other modules may have left a verified copy in the session's)."""
+def own_state_dir(tmp_path_factory) -> Path:
+    """This module's runs share an empty state directory (and so a registry and its training
+    cache): the first one must download (other modules may have left a verified copy in the
+    session's) and train."""
+    home = tmp_path_factory.mktemp("flow-state")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path_factory.mktemp("flow-state")))
-        yield
+        mp.setenv("CIFAR10_PIPELINE_HOME", str(home))
+        yield home
+
+
+def jobs(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "jobs").iterdir())
+
+
+def run(http_server, cifar_tarball, **overrides):
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball, **overrides),
+                             return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +53,16 @@ def first_run(prefect_harness, http_server, cifar_tarball, http_log):
     before = len(http_log)
     state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
     return state, http_log[before:]
+
+
+@pytest.fixture(scope="module")
+def second_run(first_run, own_state_dir, prefect_harness, http_server, cifar_tarball,
+               http_log):
+    """The same run again: (its state, its HTTP requests, the training jobs before it)."""
+    trained_jobs = jobs(own_state_dir)
+    before = len(http_log)
+    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    return state, http_log[before:], trained_jobs
 
 
 def test_flow_runs_every_stage_and_tears_down(first_run):
@@ -61,13 +93,59 @@ def test_flow_publishes_its_artifacts(first_run):
     assert artifacts["cifar10-training-progress"].data == 100.0
 
 
-def test_second_run_reuses_the_cached_download(first_run, prefect_harness, http_server,
-                                               cifar_tarball, http_log):
-    before = len(http_log)
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+def test_second_run_reuses_the_cached_download(second_run):
+    state, requests, _ = second_run
     assert state.is_completed(), state.message
     assert state.result().data.reused is True
-    assert http_log[before:] == []  # no request reached the server
+    assert requests == []  # no request reached the server
+
+
+# -- the training cache ---------------------------------------------------------------------
+
+
+def test_an_unchanged_run_reuses_the_training(first_run, second_run, own_state_dir):
+    first, (state, _, trained_jobs) = first_run[0].result(), second_run
+    assert first.training.cached_from is None and first.training.billable_seconds > 0
+    again = state.result()
+    assert again.training.cached_from == first.training.job_name
+    assert again.training.model_uri == first.training.model_uri
+    assert again.training.billable_seconds == 0
+    assert jobs(own_state_dir) == trained_jobs  # no new training job
+    assert again.registry.version == first.registry.version + 1
+    assert again.registry.status == APPROVED  # the same model, so as good as the champion
+    assert "cached from job" in again.text()
+
+
+@pytest.mark.parametrize("change", ["hyperparameter", "no-cache"])
+def test_a_changed_or_uncached_run_trains_anew(change, first_run, own_state_dir, http_server,
+                                               cifar_tarball):
+    before = jobs(own_state_dir)
+    overrides = {"training": {"epochs": 2, "learning_rate": 0.021, "batch_size": 16}} \
+        if change == "hyperparameter" else \
+        {"training": {"epochs": 2, "learning_rate": 0.02, "batch_size": 16, "cache": False}}
+    summary = run(http_server, cifar_tarball, **overrides)
+    assert summary.training.cached_from is None
+    assert len(jobs(own_state_dir)) == len(before) + 1
+
+
+def test_a_byte_of_model_src_trains_anew(first_run, http_server, cifar_tarball, tmp_path,
+                                         monkeypatch):
+    import flows.pipeline
+
+    changed = tmp_path / "model_src"
+    shutil.copytree(REPO / "model_src", changed)
+    with open(changed / "cifar.py", "a") as f:
+        f.write("\n")
+    monkeypatch.setattr(flows.pipeline, "SOURCE_DIR", changed)
+    assert run(http_server, cifar_tarball).training.cached_from is None
+
+
+def test_other_data_trains_anew(first_run, http_server, http_root):
+    from tests.support.synthetic import make_cifar_tarball
+
+    md5 = make_cifar_tarball(http_root / "other-cifar-10.tar.gz", seed=7)
+    summary = run(http_server, ("other-cifar-10.tar.gz", md5))
+    assert summary.data.md5 == md5 and summary.training.cached_from is None
 
 
 def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, cifar_tarball):
@@ -95,6 +173,20 @@ def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tar
         assert info.kept  # marked, so that the reaper leaves it alone
     finally:
         backend.delete_endpoint(summary.endpoint.name)
+
+
+def test_a_deleted_artifact_trains_anew(second_run, http_server, cifar_tarball):
+    """Last here: it deletes the model the other runs were cached from."""
+    cached = second_run[0].result()
+    assert cached.training.cached_from is not None
+    # Every model trained with this key is gone (an older identical one would be reused).
+    versions = LocalBackend().list_model_versions(GROUP)
+    key = next(v.cache_key for v in versions if v.version == cached.registry.version)
+    for version in versions:
+        if version.cache_key == key:
+            path_from_uri(version.model_uri).unlink(missing_ok=True)
+    summary = run(http_server, cifar_tarball)
+    assert summary.training.cached_from is None
 
 
 def test_the_orchestrating_process_never_imports_torch():

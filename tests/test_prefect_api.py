@@ -48,16 +48,23 @@ def test_a_fresh_home_runs_the_first_time_even_with_a_short_startup_timeout(
     timeout shorter than that (a slow machine against Prefect's 20 s), a plain flow dies. The
     CLI creates the database first and waits for the server as long as a slow machine needs."""
     short = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
-    plain = subprocess.run([sys.executable, "-c", TINY_FLOW], capture_output=True, text=True,
-                           env=fresh_prefect_env(tmp_path / "plain" / "prefect", **short),
-                           timeout=300)
-    assert plain.returncode != 0 and EPHEMERAL_TIMEOUT in plain.stderr  # the original failure
-
+    # A plain flow and our CLI, each in a fresh home of its own, side by side (independent).
+    plain = subprocess.Popen([sys.executable, "-c", TINY_FLOW], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=fresh_prefect_env(tmp_path / "plain" / "prefect", **short))
     home = tmp_path / "ours" / "prefect"
     name, md5 = cifar_tarball
-    result = cli("run", "--data-url", f"{http_server}/{name}", "--data-md5", md5,
-                 "--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--smoke-images", "50",
-                 "--accuracy-floor", "0.5", "--json", env=fresh_prefect_env(home, **short))
+    try:
+        result = cli("run", "--data-url", f"{http_server}/{name}", "--data-md5", md5,
+                     "--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--smoke-images",
+                     "50", "--accuracy-floor", "0.5", "--json",
+                     env=fresh_prefect_env(home, **short))
+        _, plain_stderr = plain.communicate(timeout=300)
+    finally:
+        plain.kill()  # a no-op once it has exited
+        plain.wait()
+    assert plain.returncode != 0 and EPHEMERAL_TIMEOUT in plain_stderr  # the original failure
+
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"creating Prefect's database at {home / 'prefect.db'}" in result.stderr
     assert "Prefect's temporary API server is up" in result.stderr

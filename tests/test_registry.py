@@ -1,14 +1,12 @@
-"""The model registry and the training cache: the promotion gate's decisions on both backends,
-versions numbered safely under concurrent registrations, the `models` commands, and a run that
-reuses an earlier run's training only when nothing that made it changed."""
+"""The model registry: the promotion gate's decisions on both backends, versions numbered safely
+under concurrent registrations, and the `models` commands. The training cache, which finds
+earlier trainings through the registry, is tested through the flow in test_flow.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -23,14 +21,12 @@ from backends.base import (
     managed_tags,
 )
 from backends.local import LocalBackend
-from backends.local.store import path_from_uri
 from flows.cli import app
-from flows.pipeline import cifar10_pipeline
 from tasks.lib.lineage import decide
 from tasks.lib.summary import SmokeTestResult
 from tasks.registry import register_model
 from tests.support.aws_fakes import BUCKET, ROLE_ARN
-from tests.support.pipeline import REPO, config_for
+from tests.support.pipeline import REPO
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 
@@ -161,91 +157,3 @@ def test_decisions_are_explained():
     assert decide(0.5, True, 0.6, 0.4, None, 0.005, False) == (
         PENDING, "awaiting manual approval (the gate says approved: first version, smoke test "
                  "passed (0.600))")
-
-
-# -- the training cache, through the flow ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    """This module's runs share a state directory (and so a registry and its cache)."""
-    home = tmp_path_factory.mktemp("cache-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFAR10_PIPELINE_HOME", str(home))
-        yield home
-
-
-def run(http_server, cifar_tarball, **overrides):
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball, **overrides),
-                             return_state=True)
-    assert state.is_completed(), state.message
-    return state.result()
-
-
-def jobs(home: Path) -> list[str]:
-    return sorted(p.name for p in (home / "jobs").iterdir())
-
-
-@pytest.fixture(scope="module")
-def first(cache_home, prefect_harness, http_server, cifar_tarball):
-    return run(http_server, cifar_tarball)
-
-
-def test_an_unchanged_run_reuses_the_training(first, cache_home, prefect_harness, http_server,
-                                              cifar_tarball):
-    assert first.training.cached_from is None and first.training.billable_seconds > 0
-    trained_jobs = jobs(cache_home)
-    again = run(http_server, cifar_tarball)
-    assert again.training.cached_from == first.training.job_name
-    assert again.training.model_uri == first.training.model_uri
-    assert again.training.billable_seconds == 0
-    assert jobs(cache_home) == trained_jobs  # no new training job
-    assert again.registry.version == first.registry.version + 1
-    assert again.registry.status == APPROVED  # the same model, so as good as the champion
-    assert "cached from job" in again.text()
-
-
-@pytest.mark.parametrize("change", ["hyperparameter", "no-cache"])
-def test_a_changed_or_uncached_run_trains_anew(change, first, cache_home, prefect_harness,
-                                               http_server, cifar_tarball):
-    before = jobs(cache_home)
-    overrides = {"training": {"epochs": 2, "learning_rate": 0.021, "batch_size": 16}} \
-        if change == "hyperparameter" else \
-        {"training": {"epochs": 2, "learning_rate": 0.02, "batch_size": 16, "cache": False}}
-    summary = run(http_server, cifar_tarball, **overrides)
-    assert summary.training.cached_from is None
-    assert len(jobs(cache_home)) == len(before) + 1
-
-
-def test_a_byte_of_model_src_trains_anew(first, cache_home, prefect_harness, http_server,
-                                         cifar_tarball, tmp_path, monkeypatch):
-    import flows.pipeline
-
-    changed = tmp_path / "model_src"
-    shutil.copytree(REPO / "model_src", changed)
-    with open(changed / "cifar.py", "a") as f:
-        f.write("\n")
-    monkeypatch.setattr(flows.pipeline, "SOURCE_DIR", changed)
-    assert run(http_server, cifar_tarball).training.cached_from is None
-
-
-def test_other_data_trains_anew(first, cache_home, prefect_harness, http_server, http_root,
-                                tmp_path):
-    from tests.support.synthetic import make_cifar_tarball
-
-    md5 = make_cifar_tarball(http_root / "other-cifar-10.tar.gz", seed=7)
-    summary = run(http_server, ("other-cifar-10.tar.gz", md5))
-    assert summary.data.md5 == md5 and summary.training.cached_from is None
-
-
-def test_a_deleted_artifact_trains_anew(first, cache_home, prefect_harness, http_server,
-                                        cifar_tarball):
-    cached = run(http_server, cifar_tarball)
-    assert cached.training.cached_from is not None
-    # Every model trained with this key is gone (an older identical one would be reused).
-    key = LocalBackend().list_model_versions(GROUP)[-1].cache_key
-    for version in LocalBackend().list_model_versions(GROUP):
-        if version.cache_key == key:
-            path_from_uri(version.model_uri).unlink(missing_ok=True)
-    summary = run(http_server, cifar_tarball)
-    assert summary.training.cached_from is None

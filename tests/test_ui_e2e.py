@@ -42,8 +42,9 @@ zone_far_from_2am = live.zone_far_from_2am
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    with live.prefect_server(tmp_path_factory.mktemp("real-server")) as server:
+def server(tmp_path_factory, prefect_database) -> Iterator[Server]:
+    with live.prefect_server(tmp_path_factory.mktemp("real-server"),
+                             database=prefect_database) as server:
         yield server
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import httpx
 
 from backends.local.processes import die_with_parent_preexec, free_port, start_time, terminate_group
 
@@ -112,6 +117,19 @@ def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10
     raise AssertionError("unreachable")
 
 
+class RetryingTransport(httpx.HTTPTransport):
+    """httpx's transport, retrying what ``api`` retries (for test code that uses httpx)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(5):
+            response = super().handle_request(request)
+            if response.status_code not in RETRYABLE or attempt == 4:
+                return response
+            response.close()
+            time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -129,15 +147,70 @@ class Server:
         return api(self.url, method, f"/api{path}", body)
 
 
+def migrated_database(directory: Path) -> Path:
+    """A Prefect SQLite database migrated to the installed Prefect's schema, created once in
+    ``directory`` for every test process that asks (pytest-xdist workers share it, so the
+    first one creates it under a lock and the others wait). Test servers start from copies:
+    creating the schema costs a server ~6 s of CPU, a copy nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    database = directory / "prefect.db"
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not database.exists():
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+            # The CLI's own up-front creation (flows.prefect_api), in a process of its own so
+            # that PREFECT_HOME picks the database.
+            result = subprocess.run(
+                [sys.executable, "-c", "from flows.prefect_api import migrate_new_database; "
+                 "migrate_new_database(print)"],
+                env={**env, "PREFECT_HOME": str(directory / "home"),
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                 env.get("PYTHONPATH")]))},
+                cwd=REPO, capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"creating the tests' Prefect database failed:\n"
+                                   f"{result.stdout[-2000:]}{result.stderr[-3000:]}")
+            created = directory / "home" / "prefect.db"
+            with contextlib.closing(sqlite3.connect(created)) as db:  # one file, no WAL left
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            created.rename(database)
+    return database
+
+
+def create_database_in_background(directory: Path) -> subprocess.Popen:
+    """``migrated_database(directory)`` in a process of its own (and its own process group),
+    started now; ``migrated_database`` in any test process then waits for it under its lock.
+    The directory travels in the environment: nothing that names the test's temporary
+    directory may outlive a short session (``processes_under``) once it is stopped."""
+    code = ("import os; from pathlib import Path; from tests.support.live import "
+            "migrated_database; migrated_database(Path(os.environ['TESTS_PREFECT_DATABASE']))")
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TESTS_PREFECT_DATABASE": str(directory),
+                                 "PYTHONPATH": pythonpath},
+                            start_new_session=True)
+
+
+def seed_database(database: Path, destination: Path) -> Path:
+    """A copy of ``database`` (from ``migrated_database``) at ``destination``."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(database, destination)
+    return destination
+
+
 @contextlib.contextmanager
-def prefect_server(base: Path) -> Iterator[Server]:
+def prefect_server(base: Path, database: Path | None = None) -> Iterator[Server]:
     """`prefect server start` (API, UI, scheduler, automations) on a free loopback port over
-    a PREFECT_HOME under ``base``, until the block ends; its clients' environment points at
-    it and keeps the pipeline's state under ``base`` too."""
+    a PREFECT_HOME under ``base`` (starting from a copy of ``database`` when given), until the
+    block ends; its clients' environment points at it and keeps the pipeline's state under
+    ``base`` too."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(base / "prefect-home")
+    if database is not None:
+        seed_database(database, base / "prefect-home" / "prefect.db")
     server_env = {
         **env,
         # The settings, not `--port`: the UI asks the server for its API URL, which is built
