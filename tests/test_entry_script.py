@@ -356,7 +356,7 @@ def larger_data(tmp_path_factory) -> Path:
     """Enough images for an epoch to take a moment: a kill lands inside the training."""
     from tests.support.synthetic import make_cifar_dir
 
-    return make_cifar_dir(tmp_path_factory.mktemp("larger"), train_batches=5, per_batch=1000)
+    return make_cifar_dir(tmp_path_factory.mktemp("larger"), train_batches=3, per_batch=1000)
 
 
 def test_an_interrupted_job_resumes_from_its_checkpoint_to_the_same_result(tmp_path,

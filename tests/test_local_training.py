@@ -106,7 +106,7 @@ def test_failed_job_reports_the_scripts_reason(backend, tmp_path):
 def test_job_over_its_max_runtime_is_stopped(backend, data_uri):
     from backends.local import processes
 
-    spec = TrainingSpec(job_name="job-slow", data_uri=data_uri, max_runtime_seconds=4,
+    spec = TrainingSpec(job_name="job-slow", data_uri=data_uri, max_runtime_seconds=2,
                         hyperparameters={"epochs": 10000, "batch-size": 16})
     with pytest.raises(TrainingJobFailed) as err:
         backend.train(spec)

@@ -224,7 +224,7 @@ def prefect_server(base: Path, database: Path | None = None) -> Iterator[Server]
     client_env = {
         **env,
         "PREFECT_API_URL": f"{url}/api",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # serve picks up a triggered run within 2 s
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # serve picks up a triggered run within 1 s
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "COLUMNS": "240",  # the CLI's rich output is wrapped at the terminal width
         # the pipeline's own state (data, jobs, endpoints): apart from the other tests'
