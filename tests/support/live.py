@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -15,8 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,47 +87,47 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float,
 
 
 RETRYABLE = {429, 502, 503}  # what Prefect's own client retries (503: e.g. SQLite locked)
-
-
-def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10,
-        attempts: int = 5) -> Any:
-    """One call to the Prefect REST API; None for a 404 or when nothing answers yet. Like
-    Prefect's client, retries what the server says is worth retrying (a busy SQLite database
-    answers 503; the failed request was rolled back, so repeating it is safe)."""
-    data = None if body is None else json.dumps(body).encode()
-    for attempt in range(attempts):
-        request = urllib.request.Request(f"{base}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                text = response.read()
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            if e.code in RETRYABLE and attempt + 1 < attempts:
-                time.sleep(0.5 * 2 ** attempt)
-                continue
-            raise AssertionError(f"{method} {path}: {e.code} {e.read()[:2000]!r}") from e
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-        return json.loads(text) if text else {}
-    raise AssertionError("unreachable")
+ATTEMPTS = 5
 
 
 class RetryingTransport(httpx.HTTPTransport):
-    """httpx's transport, retrying what ``api`` retries (for test code that uses httpx)."""
+    """httpx's transport that, like Prefect's client, retries what the server says is worth
+    retrying (a busy SQLite database answers 503; the failed request was rolled back, so
+    repeating it is safe)."""
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for attempt in range(5):
+        for attempt in range(ATTEMPTS):
             response = super().handle_request(request)
-            if response.status_code not in RETRYABLE or attempt == 4:
+            if response.status_code not in RETRYABLE or attempt == ATTEMPTS - 1:
                 return response
             response.close()
             time.sleep(0.5 * 2 ** attempt)
         raise AssertionError("unreachable")
 
 
+def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
+    """One call to the Prefect REST API (retried as ``RetryingTransport`` does); None for a
+    404 or when nothing answers yet."""
+    try:
+        with httpx.Client(transport=RetryingTransport(), timeout=timeout,
+                          trust_env=False) as client:  # loopback: never through a proxy
+            response = client.request(method, f"{base}{path}", json=body)
+    except httpx.TransportError:
+        return None
+    if response.status_code == 404:
+        return None
+    if response.is_error:
+        raise AssertionError(f"{method} {path}: {response.status_code} "
+                             f"{response.content[:2000]!r}")
+    return response.json() if response.content else {}
+
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def pythonpath_with_repo() -> str:
+    """PYTHONPATH for a subprocess that imports the project (and what was on it already)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @dataclass
@@ -164,8 +161,7 @@ def migrated_database(directory: Path) -> Path:
                 [sys.executable, "-c", "from flows.prefect_api import migrate_new_database; "
                  "migrate_new_database(print)"],
                 env={**env, "PREFECT_HOME": str(directory / "home"),
-                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                 env.get("PYTHONPATH")]))},
+                     "PYTHONPATH": pythonpath_with_repo()},
                 cwd=REPO, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(f"creating the tests' Prefect database failed:\n"
@@ -184,11 +180,10 @@ def create_database_in_background(directory: Path) -> subprocess.Popen:
     directory may outlive a short session (``processes_under``) once it is stopped."""
     code = ("import os; from pathlib import Path; from tests.support.live import "
             "migrated_database; migrated_database(Path(os.environ['TESTS_PREFECT_DATABASE']))")
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TESTS_PREFECT_DATABASE": str(directory),
-                                 "PYTHONPATH": pythonpath},
+                                 "PYTHONPATH": pythonpath_with_repo()},
                             start_new_session=True)
 
 
@@ -225,7 +220,7 @@ def prefect_server(base: Path, database: Path | None = None) -> Iterator[Server]
         **env,
         "PREFECT_API_URL": f"{url}/api",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # serve picks up a triggered run within 1 s
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": pythonpath_with_repo(),
         "COLUMNS": "240",  # the CLI's rich output is wrapped at the terminal width
         # the pipeline's own state (data, jobs, endpoints): apart from the other tests'
         "CIFAR10_PIPELINE_HOME": str(base / "pipeline-home"),
