@@ -7,6 +7,7 @@ import argparse
 
 import endpoint_load
 import flow_overhead
+import process_start
 import train_vs_seed
 from common import machine, print_table
 
@@ -22,6 +23,7 @@ def main() -> None:
         ("train_vs_seed", lambda: train_vs_seed.main([] if args.quick else ["--strong"])),
         ("endpoint_load", lambda: endpoint_load.main([])),
         ("flow_overhead", lambda: flow_overhead.main([])),
+        ("process_start", lambda: process_start.main([])),
     ):
         print(f"\n=== {title} ===", flush=True)
         rows += run()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--if-up", action="store_true",
                         help="print the fallback only when it answers its health check")
     args = parser.parse_args(argv)
-    url = configured_api_url()
+    # PREFECT_API_URL in the environment wins over every other source (Prefect's rule): a new
+    # process knows that without loading Prefect's settings (about 1.5 s).
+    url = os.environ.get("PREFECT_API_URL") or configured_api_url()
     if url is None and args.fallback:
         url = args.fallback
         if args.if_up:

@@ -85,8 +85,8 @@ def no_process_left_behind(tmp_path_factory):
     deadline = time.monotonic() + 5
     while (leftovers := processes_under(base)) and time.monotonic() < deadline:
         time.sleep(0.2)  # processes told to stop a moment ago may still be exiting
-    for pid, _ in leftovers:
-        os.kill(pid, signal.SIGKILL)
+    for found in leftovers:
+        os.kill(found.pid, signal.SIGKILL)
     assert not leftovers, f"processes left behind: {leftovers}"
 
 
@@ -196,13 +196,15 @@ def prefect_harness(prefect_database, tmp_path_factory):
             yield
 
 
-# The longest modules first, longest first, the rest after in file order: parallel workers
-# then finish together instead of one running a long module alone at the end (the first one
-# also mostly waits, on heartbeats and crash detection, which the others' work fills).
-LONGEST_MODULES = ("test_faults_live.py", "test_faults.py", "test_ui_e2e.py",
-                   "test_prefect_api.py", "test_flow.py", "test_entry_script.py",
-                   "test_sagemaker_drivers.py", "test_aws_flow.py", "test_local_training.py",
-                   "test_deployments.py", "test_endpoint_abuse.py", "test_serving_toolkit.py")
+# The long modules first, the rest after in file order: parallel workers then finish together
+# instead of one running a long module alone at the end. The first one mostly waits (on
+# heartbeats, crash detection, cancellations): the modules right after it keep several cores
+# busy each (two-host trainings, the endpoint soak) and fill those waits.
+LONGEST_MODULES = ("test_faults_live.py", "test_sagemaker_drivers.py", "test_endpoint_abuse.py",
+                   "test_distributed_training.py", "test_local_training.py", "test_faults.py",
+                   "test_flow.py", "test_entry_script.py", "test_ui_e2e.py",
+                   "test_prefect_api.py", "test_process_launcher.py", "test_aws_flow.py",
+                   "test_deployments.py", "test_serving_toolkit.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -277,7 +277,7 @@ def run_due_runs_once(*deployments) -> None:
     from prefect.runner import Runner
 
     async def poll_once() -> None:
-        runner = Runner(pause_on_shutdown=False, limit=2)
+        runner = Runner(pause_on_shutdown=False, limit=3)
         for deployment in deployments:
             await runner.aadd_deployment(deployment)
         await runner.start(run_once=True)
@@ -303,19 +303,21 @@ def subprocess_env(tmp_path_factory) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def deployment_runs(deployed, http_server, cifar_tarball, tmp_path_factory):
-    """A good run and one that bypasses the API's parameter check (a client may ask for that),
-    both executed by the runner in subprocesses."""
+    """A good run, one that bypasses the API's parameter check (a client may ask for that)
+    and a dry run of the reaper, executed side by side by one runner in subprocesses."""
     good = {"config": config_for(http_server, cifar_tarball).model_dump(mode="json")}
     bad = {"config": {**good["config"], "training": {"epochs": 0}}}
     with api() as client:
-        created = [client.post(f"/deployments/{deployed['pipeline_id']}/create_flow_run",
-                               json=body) for body in (
-            {"parameters": good, "tags": ["test"]},
-            {"parameters": bad, "enforce_parameter_schema": False, "tags": ["test"]})]
+        created = [client.post(f"/deployments/{deployed[deployment]}/create_flow_run",
+                               json=body) for deployment, body in (
+            ("pipeline_id", {"parameters": good, "tags": ["test"]}),
+            ("pipeline_id", {"parameters": bad, "enforce_parameter_schema": False,
+                             "tags": ["test"]}),
+            ("reaper_id", {"parameters": {"dry_run": True}}))]
     for response in created:
         response.raise_for_status()
     with subprocess_env(tmp_path_factory):
-        run_due_runs_once(deployed["pipeline"])
+        run_due_runs_once(deployed["pipeline"], deployed["reaper"])
     with api() as client:
         return [client.get(f"/flow_runs/{r.json()['id']}").json() for r in created]
 
@@ -349,15 +351,8 @@ def test_parameters_that_bypass_the_api_check_fail_before_any_task(deployment_ru
     assert task_runs_of(run["id"]) == []
 
 
-def test_reaper_deployment_runs(deployed, tmp_path_factory):
-    with api() as client:
-        response = client.post(f"/deployments/{deployed['reaper_id']}/create_flow_run",
-                               json={"parameters": {"dry_run": True}})
-    response.raise_for_status()
-    with subprocess_env(tmp_path_factory):
-        run_due_runs_once(deployed["reaper"])
-    with api() as client:
-        run = client.get(f"/flow_runs/{response.json()['id']}").json()
+def test_reaper_deployment_runs(deployment_runs):
+    run = deployment_runs[2]
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {**reaper_parameters(), "dry_run": True}
 

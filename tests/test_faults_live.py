@@ -55,6 +55,7 @@ from tests.support.aws_fakes import (
 )
 from tests.support.faults import (
     FAULT_INJECTION,
+    NOT_APPLICABLE,
     alive,
     aws_config,
     aws_leaks,
@@ -71,9 +72,10 @@ pytestmark = pytest.mark.slow
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 HEARTBEAT_SECONDS = 30  # Prefect's minimum: runs started here send one every 30 s
-# The crash-detection window serve installs here (default: 3 beats): 20 s of slack for a late
-# heartbeat on a busy machine (the tests run in parallel).
-CRASH_AFTER_SECONDS = 50
+# The crash-detection window serve installs here (default: 3 beats). No live run here lasts
+# 30 s, so none needs a second heartbeat: the window only has to outlast the first one by more
+# than a run lives (the longest, a run held until its scenario, ~25 s).
+CRASH_AFTER_SECONDS = 40
 LONG_TRAINING = {"epochs": 1000}  # runs until cancelled
 
 
@@ -174,10 +176,11 @@ def cancel(server: live.Server, run_id: str) -> None:
 def cancel_and_record(served: Served, run_id: str, scenario: str,
                       started: float) -> dict[str, Any]:
     """Cancels a served run as the UI does, waits for its end and records its row; the run
-    must end Cancelled with a message. Returns the local leak counts."""
+    must end Cancelled with a message. Returns the run's local leak counts (other served runs
+    may be under way: ``test_the_served_runs_left_nothing_behind`` counts everything)."""
     cancel(served.server, run_id)
     run = final_state(served.server, run_id, 90, served=served)
-    leaks = local_leaks(served.home)
+    leaks = local_leaks(served.home, resource_name(run_id))
     record_row(scenario, run, leaks, started)
     assert run["state"]["name"] == "Cancelled", run["state"]
     assert run["state"]["message"]
@@ -400,11 +403,19 @@ def test_sigkill_unsupervised_aws_run_then_the_reaper(server, killed_aws_run):
     assert killed.leaks == {"endpoints": 0, "configs": 0, "models": 0, "processes": 0}
 
 
-def served_run_held_in_smoke(served: Served, http_server: str, cifar_tarball):
-    """Triggers a served run and waits until it holds in its smoke test with the endpoint
+@pytest.fixture(scope="module")
+def runs_held_in_smoke(served, http_server, cifar_tarball) -> dict[str, str]:
+    """The served runs of the scenarios that strike while a run holds in its smoke test,
+    triggered together before the first served scenario: they train and deploy while the
+    scenarios before theirs run (what this module does is mostly waiting on runs)."""
+    return {scenario: trigger(served, http_server, cifar_tarball, hold_smoke=True)
+            for scenario in ("cancel", "sigkill")}
+
+
+def run_held_in_smoke(served: Served, run_id: str):
+    """Waits until the served run ``run_id`` holds in its smoke test with the endpoint
     InService: (backend, run id, endpoint name, endpoint info)."""
     backend = served.backend()
-    run_id = trigger(served, http_server, cifar_tarball, hold_smoke=True)
     name = resource_name(run_id)
     wait_for(lambda: (served.control / f"in-smoke-{run_id}").exists(),
              "the run reaches its smoke test", 180, served)
@@ -415,6 +426,7 @@ def served_run_held_in_smoke(served: Served, http_server: str, cifar_tarball):
 
 # --- cancellation --------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("runs_held_in_smoke")  # they get ready meanwhile
 def test_cancel_during_training(served, http_server, cifar_tarball):
     started = time.monotonic()
     backend = served.backend()
@@ -436,10 +448,9 @@ def test_cancel_during_training(served, http_server, cifar_tarball):
     assert leaks["endpoints"] == leaks["processes"] == 0
 
 
-def test_cancel_during_smoke_predict(served, http_server, cifar_tarball):
+def test_cancel_during_smoke_predict(served, runs_held_in_smoke):
     started = time.monotonic()
-    backend, run_id, name, endpoint = served_run_held_in_smoke(served, http_server,
-                                                               cifar_tarball)
+    backend, run_id, name, endpoint = run_held_in_smoke(served, runs_held_in_smoke["cancel"])
 
     leaks = cancel_and_record(served, run_id, "cancel during smoke-predict (served run)",
                               started)
@@ -478,11 +489,9 @@ def test_cancel_mid_sweep_stops_every_training(served, http_server, cifar_tarbal
 
 # --- SIGKILL of a served run's flow process ------------------------------------------------
 
-def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, http_server,
-                                                              cifar_tarball):
+def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, runs_held_in_smoke):
     started = time.monotonic()
-    backend, run_id, name, endpoint = served_run_held_in_smoke(served, http_server,
-                                                               cifar_tarball)
+    backend, run_id, name, endpoint = run_held_in_smoke(served, runs_held_in_smoke["sigkill"])
 
     os.kill(flow_process(served, run_id), signal.SIGKILL)
     run = final_state(served.server, run_id, 60, served=served)
@@ -491,7 +500,7 @@ def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, http_serve
     wait_for(lambda: backend.describe_endpoint(name) is None,
              "the on_crashed hook deletes the endpoint", 30, served)
     reaped = reap_with_the_cli(served.server, served.home)
-    leaks = local_leaks(served.home)
+    leaks = local_leaks(served.home, name)
     record_row("SIGKILL flow process, endpoint up (served run; the runner's on_crashed hook)",
                run, leaks, started, reaped=len(reaped))
 
@@ -500,6 +509,13 @@ def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, http_serve
     assert not alive(endpoint.extra["pid"])
     assert reaped == []
     assert leaks["endpoints"] == leaks["processes"] == 0
+
+
+def test_the_served_runs_left_nothing_behind(served):
+    """After every served scenario (some ran side by side): no endpoint, training host or
+    server of any of them."""
+    assert local_leaks(served.home) == {"endpoints": 0, "configs": NOT_APPLICABLE,
+                                        "models": NOT_APPLICABLE, "processes": 0}
 
 
 # --- SIGTERM of a run nobody supervises (`kill PID`, a service or container stop) ----------

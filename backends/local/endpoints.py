@@ -15,9 +15,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +32,7 @@ from backends.base import (
 )
 from backends.files import atomic_write_text
 from backends.local import processes
+from backends.local.launcher import Launched, launch
 from backends.local.store import path_from_uri
 from backends.polling import poll
 
@@ -122,15 +121,12 @@ class LocalEndpoints:
         })
         directory = self.records.endpoint_dir(spec.name)
         with open(directory / "server.log", "ab") as log:
-            proc = subprocess.Popen(
+            proc = launch(
                 [self.python, "-m", "backends.local.server", "--name", spec.name,
                  "--root", str(self.records.root)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                output=log.fileno(), cwd=directory, die_with_parent=False,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_THREADS},
             )
-        # Reap the server when it exits while we are alive, so it never lingers as a zombie.
-        threading.Thread(target=proc.wait, daemon=True).start()
         self.records.update(spec.name, pid=proc.pid, pid_start=processes.start_time(proc.pid))
         emit(f"endpoint {spec.name}: server process {proc.pid} loading {spec.model_uri}")
         try:
@@ -141,7 +137,7 @@ class LocalEndpoints:
         emit(f"endpoint {spec.name}: InService at {info.url}")
         return info
 
-    def _wait_in_service(self, name: str, proc: subprocess.Popen) -> EndpointInfo:
+    def _wait_in_service(self, name: str, proc: Launched) -> EndpointInfo:
         def check() -> EndpointInfo | None:
             record = self.records.read(name) or {}
             if record.get("status") == "Failed" or proc.poll() is not None:

@@ -83,18 +83,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> None:
+    """Called in a new child of ``parent``: on Linux the kernel sends it SIGTERM when the
+    parent thread exits (crash or SIGKILL included); exits at once if the parent already has.
+    Elsewhere nothing."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def die_with_parent_preexec() -> object:
-    """A ``preexec_fn`` for children that must not outlive the process starting them: on
-    Linux the kernel sends them SIGTERM when the parent thread exits (crash or SIGKILL
-    included). Pair it with ``start_new_session=True`` so the job can be signalled as a group."""
+    """A ``preexec_fn`` for children that must not outlive the process starting them
+    (``die_with``). Pair it with ``start_new_session=True`` so the job can be signalled as a
+    group."""
     parent = os.getpid()
 
     def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
-        if _LIBC is not None:
-            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(1)
+        die_with(parent)
 
     return preexec

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from backends.base import (
     TRAINING_CHANNEL,
@@ -43,6 +43,7 @@ from backends.base import (
 )
 from backends.files import atomic_write_text
 from backends.local import processes
+from backends.local.launcher import Launched, launch
 from backends.local.store import LocalStore, path_from_uri
 from model_src.cifar import METRICS_FILE, SOURCE_IGNORE
 
@@ -199,25 +200,27 @@ class LocalTrainingJobs:
             self._materialise_host(job_dir / host, data_dir, hyperparameters, hosts, host, spec)
 
         lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
-        procs: dict[str, subprocess.Popen] = {}
+        procs: dict[str, Launched] = {}
         log_file = open(job_dir / "training.log", "a", buffering=1)  # noqa: SIM115
         started = time.monotonic()
         try:
             record.started, record.secondary_status = _now(), "Training"
             for host in hosts:
-                proc = subprocess.Popen(
-                    [self.python, self.entry_point, *self._cli_args(hyperparameters)],
-                    cwd=job_dir / host / "code",
-                    env=self._environment(job_dir / host, hyperparameters, hosts, host,
-                                          master_port, spec),
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    errors="replace", start_new_session=True,
-                    preexec_fn=processes.die_with_parent_preexec(),
-                )
+                output, output_end = os.pipe()
+                try:
+                    proc = launch(
+                        [self.python, self.entry_point, *self._cli_args(hyperparameters)],
+                        cwd=job_dir / host / "code",
+                        env=self._environment(job_dir / host, hyperparameters, hosts, host,
+                                              master_port, spec),
+                        output=output_end, die_with_parent=True)
+                finally:
+                    os.close(output_end)  # the host holds it: EOF once the host exits
                 procs[host] = proc
                 record.processes.append({"host": host, "pid": proc.pid,
                                          "start": processes.start_time(proc.pid)})
-                threading.Thread(target=_pump, args=(proc, host, lines), daemon=True).start()
+                stream = open(output, encoding="utf-8", errors="replace")  # noqa: SIM115
+                threading.Thread(target=_pump, args=(stream, host, lines), daemon=True).start()
             self._save(record)
             status, reason = self._wait(job_dir, procs, lines, started, spec, log_file, emit)
         except BaseException as e:  # interrupted or cancelled: never leave the job running
@@ -246,7 +249,7 @@ class LocalTrainingJobs:
         self._save(record)
         return self.result(record)
 
-    def _wait(self, job_dir: Path, procs: dict[str, subprocess.Popen], lines: queue.Queue,
+    def _wait(self, job_dir: Path, procs: dict[str, Launched], lines: queue.Queue,
               started: float, spec: TrainingSpec, log_file,
               emit: LogCallback) -> tuple[str, str | None]:
         """Forwards log lines (on this thread, so callbacks need no locking) until every host
@@ -379,10 +382,10 @@ def _failure_reason(job_dir: Path, host: str, returncode: int | None) -> str:
     return text[:FAILURE_REASON_LIMIT]
 
 
-def _pump(proc: subprocess.Popen, host: str, lines: queue.Queue) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.put((host, line.rstrip("\n")))
+def _pump(stream: TextIO, host: str, lines: queue.Queue) -> None:
+    with stream:
+        for line in stream:
+            lines.put((host, line.rstrip("\n")))
     lines.put((host, None))
 
 

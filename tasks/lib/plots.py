@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render to memory
-
-import matplotlib.pyplot as plt
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    """A figure rendered to memory (no pyplot, no display, no global state: concurrent sweep
+    tasks draw their own). Imported on first use: matplotlib costs every flow process a third
+    of a second at start otherwise."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def image_grid(images: np.ndarray, captions: list[str], colors: list[str] | None = None,
@@ -34,7 +42,7 @@ def image_grid(images: np.ndarray, captions: list[str], colors: list[str] | None
     dpi = 72
     width_in = mosaic.shape[1] * scale / dpi
     height_in = (mosaic.shape[0] * scale + title_px) / dpi
-    fig = plt.figure(figsize=(width_in, height_in), dpi=dpi)
+    fig = _figure(figsize=(width_in, height_in), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1 - title_px / (height_in * dpi)))
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
@@ -47,7 +55,6 @@ def image_grid(images: np.ndarray, captions: list[str], colors: list[str] | None
         fig.suptitle(title, fontsize=9, y=1 - 4 / (height_in * dpi), va="top")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -56,7 +63,8 @@ def sweep_plot(points: list[tuple[float | str, float, str, bool]], x_label: str,
     """Test accuracy against the swept value: (x, accuracy, series, is_winner) per completed
     point, one line per series (the other swept settings), the winner ringed. A numeric axis
     spanning more than 4x (learning rates) is logarithmic."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
+    fig = _figure(figsize=(6, 3.6), dpi=80)
+    ax = fig.subplots()
     numeric = all(isinstance(x, int | float) for x, *_ in points)
     categories = sorted({str(x) for x, *_ in points})
     for series in sorted({s for *_, s, _ in points}):
@@ -83,5 +91,4 @@ def sweep_plot(points: list[tuple[float | str, float, str, bool]], x_label: str,
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()

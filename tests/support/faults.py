@@ -47,16 +47,17 @@ def short(message: str | None, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def local_leaks(root: Path) -> dict[str, Any]:
+def local_leaks(root: Path, run: str = "") -> dict[str, Any]:
     """What a local backend rooted at ``root`` still holds: endpoint directories (with or
     without a record: a half-created one counts) and live processes started under it (endpoint
-    servers, training hosts)."""
+    servers, training hosts); with ``run`` (a flow run's resource name), only that run's: its
+    endpoint, its jobs' hosts and its server, whose directories carry the name."""
     endpoints = root / "endpoints"
     return {
-        "endpoints": len([p for p in endpoints.iterdir() if p.is_dir()])
-        if endpoints.is_dir() else 0,
+        "endpoints": len([p for p in endpoints.iterdir() if p.is_dir()
+                          and p.name.startswith(run)]) if endpoints.is_dir() else 0,
         "configs": NOT_APPLICABLE, "models": NOT_APPLICABLE,
-        "processes": len(processes_under(root)),
+        "processes": len([p for p in processes_under(root) if run in p.cmdline + p.cwd]),
     }
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 from flows.config import PipelineConfig
 
@@ -110,7 +111,13 @@ def ancestors() -> set[int]:
     return pids
 
 
-def processes_under(base: Path) -> list[tuple[int, str]]:
+class Found(NamedTuple):
+    pid: int
+    cmdline: str
+    cwd: str
+
+
+def processes_under(base: Path) -> list[Found]:
     """Live processes (not zombies) whose command line or working directory lies under
     ``base``: servers, training hosts or anything else a test started there."""
     found = []
@@ -126,5 +133,5 @@ def processes_under(base: Path) -> list[tuple[int, str]]:
         except (OSError, IndexError):
             continue
         if state != "Z" and (str(base) in cmdline or cwd.startswith(str(base))):
-            found.append((pid, cmdline))
+            found.append(Found(pid, cmdline, cwd))
     return found
