@@ -197,6 +197,10 @@ class Backend(abc.ABC):
 
     name: str
 
+    def prepare(self) -> None:  # noqa: B027 (optional: nothing to prepare on SageMaker)
+        """Gets ready for a run's jobs and endpoints while its data downloads (the local
+        backend starts its process launcher); nothing by default."""
+
     @abc.abstractmethod
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
         """Uploads a data directory; returns the channel URI. Unchanged files are skipped."""

@@ -206,6 +206,7 @@ def lineage_of(dataset: Dataset, code: str, spec: TrainingSpec, run_id: str,
 def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  # noqa: B008
     """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down."""
     backend = get_backend(config)
+    backend.prepare()  # while the data downloads
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = resource_name(run_id)
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")

@@ -112,6 +112,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     points = config.points()
     parallel = config.parallel_jobs(usable_cpus())
     backend = get_backend(base, concurrent_jobs=parallel)
+    backend.prepare()  # while the data downloads
     run_id = str(current_flow_run.id or uuid.uuid4())
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
     timings: dict[str, float] = {}

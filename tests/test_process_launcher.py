@@ -173,3 +173,19 @@ def test_processes_that_differ_in_load_time_settings_get_launchers_of_their_own(
     other_isa = {**first, "ATEN_CPU_CAPABILITY": "default"}
     run(["probe.py", "0"], tmp_path, other_isa, True, monkeypatch)
     assert launcher._launcher_for(sys.executable, other_isa) is not served_first
+
+
+def test_the_launcher_a_run_prepares_is_the_one_its_hosts_and_servers_use(probe_env,
+                                                                          monkeypatch):
+    """A run starts its launcher while it downloads (``Backend.prepare``); its training hosts
+    and model servers (this environment, plus settings applied after the fork) are then forked
+    from that one."""
+    monkeypatch.setattr(launcher, "WARM_START", True)
+    for key, value in probe_env.items():
+        monkeypatch.setenv(key, value)
+    launcher.prepare()
+    prepared = launcher._launcher_for(sys.executable, dict(os.environ))
+    host_env = {**os.environ, "OMP_NUM_THREADS": "2", "SM_CURRENT_HOST": "algo-1"}
+    server_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    assert launcher._launcher_for(sys.executable, host_env) is prepared
+    assert launcher._launcher_for(sys.executable, server_env) is prepared

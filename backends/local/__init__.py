@@ -20,6 +20,7 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
+from backends.local import launcher
 from backends.local.endpoints import LocalEndpoints
 from backends.local.registry import LocalRegistry
 from backends.local.store import LocalStore, path_from_uri
@@ -46,6 +47,7 @@ class LocalBackend(Backend):
     def __init__(self, root: Path | None = None, python: str = sys.executable,
                  deploy_timeout_seconds: float = 120.0, concurrent_jobs: int = 1) -> None:
         bypass_proxies_for_loopback()
+        self.python = python
         self.root = Path(root) if root else state_dir()
         self.store = LocalStore(self.root / "store")
         self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR,
@@ -54,6 +56,9 @@ class LocalBackend(Backend):
         self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
                                         deploy_timeout_seconds=deploy_timeout_seconds)
         self.registry = LocalRegistry(self.root / "registry")
+
+    def prepare(self) -> None:
+        launcher.prepare(self.python)
 
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
         report = self.store.upload_dir(Path(local_dir), "data")

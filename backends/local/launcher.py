@@ -96,6 +96,14 @@ def launch(argv: list[str], *, env: Mapping[str, str], cwd: Path, output: int,
     return proc
 
 
+def prepare(python: str = sys.executable) -> None:
+    """Starts this process's launcher now, for children started with this environment: it
+    imports torch while the caller does other work (a run downloads its data), and the first
+    host or server does not wait for it."""
+    if WARM_START and python == sys.executable:
+        _launcher_for(python, dict(os.environ))
+
+
 def _load_time(key: str) -> bool:
     return key.startswith(LOAD_TIME_PREFIXES) and key not in APPLIED_AFTER_FORK
 
