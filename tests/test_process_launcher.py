@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import backends.local.launcher as launcher
 from backends.local.processes import is_running, start_time
+from tests.support import live
 from tests.support.pipeline import REPO
 
 pytestmark = pytest.mark.skipif(not launcher.WARM_START, reason="warm starts are Linux-only")
@@ -148,10 +148,8 @@ def test_when_the_starting_process_is_killed_only_tied_children_die(tmp_path, wa
     try:
         client.kill()
         client.wait()
-        deadline = time.monotonic() + 10
-        while is_running(tied, starts[tied]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not is_running(tied, starts[tied])
+        live.wait_until(lambda: not is_running(tied, starts[tied]) or None,
+                        "the tied child dies with the starting process", timeout=10)
         assert is_running(free, starts[free])
     finally:
         for pid in (tied, free):

@@ -31,6 +31,7 @@ import contextlib
 import importlib
 import io
 import json
+import math
 import os
 import queue
 import select
@@ -39,7 +40,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from backends.local import processes
+from backends.polling import poll
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # where `-m backends...` imports from
 WARM_START = sys.platform.startswith("linux")
@@ -85,7 +86,7 @@ def launch(argv: list[str], *, env: Mapping[str, str], cwd: Path, output: int,
     ``die_with_parent``: SIGTERM when this process ends (a crash or SIGKILL included)."""
     env = dict(env)
     program = argv[1:2] == ["-m"] or (len(argv) > 1 and not argv[1].startswith("-"))
-    if WARM_START and argv[0] == sys.executable and program:
+    if _warm(argv[0]) and program:
         return _launcher_for(argv[0], env).launch(argv, env, cwd, output, die_with_parent)
     proc = subprocess.Popen(
         argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
@@ -100,8 +101,13 @@ def prepare(python: str = sys.executable) -> None:
     """Starts this process's launcher now, for children started with this environment: it
     imports torch while the caller does other work (a run downloads its data), and the first
     host or server does not wait for it."""
-    if WARM_START and python == sys.executable:
+    if _warm(python):
         _launcher_for(python, dict(os.environ))
+
+
+def _warm(python: str) -> bool:
+    """Whether this platform forks warm children, for this interpreter (forks run this one)."""
+    return WARM_START and python == sys.executable
 
 
 def _load_time(key: str) -> bool:
@@ -166,7 +172,6 @@ class _Launcher:
             self._children[child.pid] = child
             if child.pid in self._exited:
                 child.returncode = self._exited.pop(child.pid)
-                child.exited.set()
         return child
 
     def _read(self) -> None:
@@ -176,11 +181,8 @@ class _Launcher:
             except OSError:
                 message = b""
             if not message:  # the launcher is gone (killed): so are the children tied to it
-                self.alive = False
+                self.alive = False  # the children's statuses are lost: poll() asks /proc
                 self._replies.put({"error": "the process launcher exited"})
-                with self._lock:
-                    for child in self._children.values():
-                        child.exited.set()  # its status is lost: wait() asks /proc instead
                 return
             reply = json.loads(message)
             if "exited" not in reply:
@@ -192,7 +194,6 @@ class _Launcher:
                     self._exited[reply["exited"]] = reply["returncode"]
                 else:
                     child.returncode = reply["returncode"]
-                    child.exited.set()
 
 
 class _Child:
@@ -201,7 +202,6 @@ class _Child:
     def __init__(self, pid: int, launcher: _Launcher) -> None:
         self.pid = pid
         self.returncode: int | None = None
-        self.exited = threading.Event()
         self._launcher = launcher
         self._start = processes.start_time(pid)
 
@@ -212,13 +212,9 @@ class _Child:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (returncode := self.poll()) is None:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            self.exited.wait(0.1 if remaining is None else min(0.1, remaining))
-        return returncode
+        return poll(self.poll, interval=0.05,
+                    timeout=math.inf if timeout is None else timeout,
+                    on_timeout=lambda _: subprocess.TimeoutExpired(str(self.pid), timeout or 0))
 
 
 # --- the launcher process ---------------------------------------------------------------------
