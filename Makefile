@@ -24,12 +24,27 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 UI_HOST := 127.0.0.1
 UI_PORT ?= 4200
 API_URL := http://$(UI_HOST):$(UI_PORT)/api
+# `make ui`'s server requires this checkout's auth string (created on first use, mode 0600):
+# on a shared machine, whoever binds the port first must not receive our runs.
+AUTH_FILE = $(CIFAR10_PIPELINE_HOME)/prefect-auth
 # The Prefect API that `make serve`, `deploy`, `worker` and `run` talk to: the user's own
 # (PREFECT_API_URL from the environment or the active Prefect profile: a self-hosted server or
-# Prefect Cloud), else `make ui`'s. For `run`, `make ui`'s only while it answers; otherwise the
-# run starts a temporary server over the same database.
-USE_API = url="$$($(BIN)/python -m flows.prefect_api --fallback $(API_URL) $(1))" || exit 1; \
-	if [ -n "$$url" ]; then export PREFECT_API_URL="$$url"; echo "Prefect API: $$url"; fi
+# Prefect Cloud), else `make ui`'s, and that one only once it has proved to be this checkout's
+# (it refuses a request without the auth string and accepts ours; anything else on the port
+# is refused in one line). For `run`, `make ui`'s only while something answers there;
+# otherwise the run starts a temporary server over the same database.
+USE_API = api="$$($(BIN)/python -m flows.prefect_api --fallback $(API_URL) $(1))" || exit 1; \
+	url="$$(head -n 1 <<<"$$api")"; \
+	if [ -n "$$url" ]; then export PREFECT_API_URL="$$url"; echo "Prefect API: $$url"; fi; \
+	if [ "$$(sed -n 2p <<<"$$api")" = fallback ]; then \
+		export PREFECT_API_AUTH_STRING="$$(cat "$(AUTH_FILE)")"; fi
+# `make serve` / `make deploy` with NOTIFY_BLOCK=<a Prefect notification block's name> also
+# install the automation that sends failed, crashed and timed-out runs to it.
+NOTIFY_BLOCK ?=
+NOTIFY_ARGS = $(if $(NOTIFY_BLOCK),--notify-block '$(NOTIFY_BLOCK)')
+# Prefect's database vacuum on `make ui`'s server deletes finished flow runs (with their logs
+# and artifacts) this many days after they ended.
+RUN_RETENTION_DAYS ?= 90
 # The timezone the deployments' cron schedules are read in (an IANA name), for both routes.
 export CIFAR10_SCHEDULE_TZ ?= UTC
 WORK_POOL := cifar10-local
@@ -97,20 +112,29 @@ run: setup | prefect-home  ## run the whole pipeline locally; options via ARGS='
 	@$(call USE_API,--if-up); $(BIN)/cifar10-pipeline run $(ARGS)
 
 # PREFECT_UI_API_URL is spelt out: the UI would otherwise follow a PREFECT_API_URL from the
-# environment (another server, Prefect Cloud) instead of this server.
+# environment (another server, Prefect Cloud) instead of this server; PREFECT_UI_URL gives the
+# failure notices their link to the run. The auth string travels
+# in the environment, never on a command line (which every user can read).
 ui: setup | prefect-home  ## Prefect server + UI on http://127.0.0.1:4200 over .state/prefect (Ctrl-C stops)
+	@auth="$$($(BIN)/python -m flows.prefect_api --print-auth-string)" || exit 1; \
+	echo "Prefect UI: http://$(UI_HOST):$(UI_PORT) - log in with: $$auth (kept in $(AUTH_FILE))"; \
+	echo "Finished runs older than $(RUN_RETENTION_DAYS) days are deleted (RUN_RETENTION_DAYS)"; \
+	PREFECT_SERVER_API_AUTH_STRING="$$auth" \
+	PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED="$${PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED:-events,flow_runs}" \
+	PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD=$$(( $(RUN_RETENTION_DAYS) * 86400 )) \
 	PREFECT_SERVER_API_HOST=$(UI_HOST) PREFECT_SERVER_API_PORT=$(UI_PORT) \
-	PREFECT_UI_API_URL=$(API_URL) $(BIN)/prefect server start
+	PREFECT_UI_URL=http://$(UI_HOST):$(UI_PORT) \
+	PREFECT_UI_API_URL=$(API_URL) exec $(BIN)/prefect server start
 
-serve: setup | prefect-home  ## serve the nightly pipeline, hourly reaper, on-demand sweep (your Prefect API, else `make ui`'s; SERVE_ARGS)
-	@$(call USE_API); $(BIN)/python -m deployments.serve $(SERVE_ARGS)
+serve: setup | prefect-home  ## serve the nightly pipeline, hourly reaper, on-demand sweep (your Prefect API, else `make ui`'s; SERVE_ARGS, NOTIFY_BLOCK)
+	@$(call USE_API); $(BIN)/python -m deployments.serve $(NOTIFY_ARGS) $(SERVE_ARGS)
 
-deploy: setup | prefect-home  ## work-pool route: create the process pool, apply deployments/prefect.yaml
+deploy: setup | prefect-home  ## work-pool route: create the process pool, apply deployments/prefect.yaml (NOTIFY_BLOCK)
 	@$(call USE_API); set -e; \
 	$(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 \
 		|| $(BIN)/prefect work-pool create $(WORK_POOL) --type process; \
 	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml; \
-	$(BIN)/python -m deployments.automations
+	$(BIN)/python -m deployments.automations $(NOTIFY_ARGS)
 
 worker: setup | prefect-home  ## work-pool route: a process worker that runs the *-worker deployments
 	@$(call USE_API); $(BIN)/prefect worker start --pool $(WORK_POOL)

@@ -115,14 +115,13 @@ MODEL_GROUP_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
 
 @dataclass(frozen=True)
 class ModelVersionSpec:
-    """A trained model to register: where it is, what made it, how it did, the decision."""
+    """A trained model to register: where it is, what made it, how it did. The decision
+    (status and reason) is made at registration, against the champion of that moment."""
 
     group: str
     model_uri: str
     training_job: str
     cache_key: str  # what made it: data, code, hyperparameters, instances, backend
-    status: str  # APPROVED, REJECTED or PENDING
-    reason: str  # why that status
     metrics: dict[str, float]  # test_accuracy, test_loss, smoke_accuracy
     lineage: dict[str, str]  # data_url, data_md5, code_digest, hyperparameters, flow_run_id...
     instance_type: str = "local"  # the hosting instance the smoke test used
@@ -154,6 +153,19 @@ def champion(versions: list[ModelVersion]) -> ModelVersion | None:
     return max(approved, key=lambda v: v.version) if approved else None
 
 
+# The promotion gate: given the champion (None: there is none yet), the new version's
+# (status, reason): APPROVED, REJECTED or PENDING, and why.
+Decide = Callable[[ModelVersion | None], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered version and the champion its decision was measured against."""
+
+    version: ModelVersion
+    champion_before: ModelVersion | None
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
     name: str
@@ -169,7 +181,8 @@ class EndpointSpec:
 @dataclass(frozen=True)
 class EndpointInfo:
     name: str
-    status: str  # Creating | InService | Failed | Deleting
+    # Creating | InService | Failed | Deleting; Unknown: its local record is unreadable
+    status: str
     created: dt.datetime
     tags: dict[str, str]
     instance_type: str = "local"
@@ -200,6 +213,14 @@ class Backend(abc.ABC):
     def prepare(self) -> None:  # noqa: B027 (optional: nothing to prepare on SageMaker)
         """Gets ready for a run's jobs and endpoints while its data downloads (the local
         backend starts its process launcher); nothing by default."""
+
+    def apply_retention(self) -> list[str]:
+        """Prunes what the backend keeps on this machine past its retention policy (old job
+        directories and their artifacts, dead endpoints' directories, rotated logs, stale
+        temporaries), never what a registry version that is Approved or pending, a kept or
+        running endpoint, or a running job needs; one line per kind of thing removed.
+        Nothing by default: SageMaker keeps nothing here (S3 lifecycle rules bound a bucket)."""
+        return []
 
     @abc.abstractmethod
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
@@ -242,9 +263,13 @@ class Backend(abc.ABC):
     # -- the model registry (SageMaker Model Registry; a directory locally) -----------------
 
     @abc.abstractmethod
-    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
-        """Adds the next version to ``spec.group`` (created when missing): numbers are
-        consecutive and never reused, also under concurrent registrations."""
+    def register_model(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
+        """Adds the next version to ``spec.group`` (created when missing), its status and
+        reason ``decide(champion)``, called with the group's champion as it stands at that
+        moment. Numbers increase and are never reused, also under concurrent registrations and
+        after a record is lost. Locally the champion is read, the decision made and the version
+        written under the group's lock, so two concurrent registrations are decided one after
+        the other; SageMaker has no such lock (see ``AwsRegistry.register``)."""
 
     @abc.abstractmethod
     def list_model_versions(self, group: str) -> list[ModelVersion]:

@@ -4,9 +4,12 @@ catching what a hard-killed run could not tear down."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 
-from backends.base import Backend
+from backends.base import Backend, EndpointInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -14,6 +17,7 @@ class ReapReport:
     deleted: list[str] = field(default_factory=list)  # or, in a dry run, would be deleted
     younger: list[str] = field(default_factory=list)  # than the TTL: left for now
     kept_by_user: list[str] = field(default_factory=list)  # tagged kept: never reaped
+    errors: list[str] = field(default_factory=list)  # "name: why" for each delete that failed
     dry_run: bool = False
 
 
@@ -22,7 +26,8 @@ def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = F
     """Deletes the backend's pipeline-owned endpoints created more than ``older_than`` ago,
     and the remains of deleted ones (an endpoint config or model left behind), except the
     endpoints the user chose to keep (tagged kept=true). Resources without the managed-by tag
-    are never listed, so never touched."""
+    are never listed, so never touched. A delete that fails is reported in ``errors`` and the
+    others are still reaped: one stuck endpoint must not keep the rest running."""
     now = now or dt.datetime.now(dt.UTC)
     report = ReapReport(dry_run=dry_run)
     for endpoint in [*backend.list_endpoints(), *backend.list_orphans()]:
@@ -31,9 +36,19 @@ def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = F
         if endpoint.kept:
             report.kept_by_user.append(endpoint.name)
         elif now - endpoint.created >= older_than:
-            if not dry_run:
-                backend.delete_endpoint(endpoint.name)
-            report.deleted.append(endpoint.name)
+            _reap(backend, endpoint, report)
         else:
             report.younger.append(endpoint.name)
     return report
+
+
+def _reap(backend: Backend, endpoint: EndpointInfo, report: ReapReport) -> None:
+    if not report.dry_run:
+        try:
+            backend.delete_endpoint(endpoint.name)
+        except Exception as e:  # any failure: report it and go on with the others
+            log.warning("could not delete endpoint %s: %s: %s", endpoint.name,
+                        type(e).__name__, e)
+            report.errors.append(f"{endpoint.name}: {type(e).__name__}: {e}")
+            return
+    report.deleted.append(endpoint.name)

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as plain scripts: `python bench/xyz.py`
 
-from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL, fetch_cifar10  # noqa: E402
+from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL, display_url, fetch_cifar10  # noqa: E402
 
 # The benchmarks' dataset: the build machines' offline mirror when it is there, else the
 # official archive (CIFAR10_BENCH_URL and CIFAR10_BENCH_MD5 name another).
@@ -29,7 +29,7 @@ def real_cifar10() -> Path:
         url, md5 = MIRROR.as_uri(), MIRROR_MD5
     else:
         url, md5 = DEFAULT_URL, DEFAULT_MD5
-    print(f"dataset: {url}", flush=True)
+    print(f"dataset: {display_url(url)}", flush=True)
     dataset = fetch_cifar10(STATE / "bench-data", url=url, md5=md5)
     return Path(dataset.path)
 

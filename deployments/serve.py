@@ -7,7 +7,7 @@ are then paused, since nothing would run them). ``make serve`` runs it against t
 Prefect API (environment or active profile), else ``make ui``'s server::
 
     python -m deployments.serve [--timezone Europe/Berlin] [--cron '0 2 * * *']
-                                [--reaper-cron '30 * * * *']
+                                [--reaper-cron '30 * * * *'] [--notify-block NAME]
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deployments.automations import MISSED_HEARTBEATS, crash_detection, install
+from deployments.automations import (
+    MISSED_HEARTBEATS,
+    NoSuchBlock,
+    crash_detection,
+    install,
+    install_failure_notice,
+)
 from deployments.definitions import (
     PIPELINE_CRON,
     REAPER_CRON,
@@ -40,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crash-after", type=int, default=None, metavar="SECONDS",
                         help=f"mark a run Crashed after this long without a heartbeat "
                              f"(default: {MISSED_HEARTBEATS} x PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
+    parser.add_argument("--notify-block", metavar="NAME",
+                        help="send failed, crashed and timed-out runs to this Prefect "
+                             "notification block (make serve NOTIFY_BLOCK=NAME)")
     return parser.parse_args(argv)
 
 
@@ -75,6 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {problem}")
     if automation is not None:
         install(automation)
+    if args.notify_block:
+        try:
+            install_failure_notice(args.notify_block)
+        except NoSuchBlock as e:
+            sys.exit(f"error: {e}")
+        print(f"failed, crashed and timed-out runs are sent to {args.notify_block}")
 
     from prefect import serve
 

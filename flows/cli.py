@@ -30,6 +30,11 @@ models_app = typer.Typer(help="The model registry: every trained model is a vers
                               "or rejected by the promotion gate (or by you).",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+notify_app = typer.Typer(help="Tell someone when a run fails: a Prefect automation that sends "
+                              "failed, crashed and timed-out deployment runs to a notification "
+                              "block (Slack, Teams, a webhook, PagerDuty...).",
+                         no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
 
 Backend = Annotated[str, typer.Option("--backend", help="local or aws")]
 
@@ -283,6 +288,11 @@ def list_endpoints(
     for row in rows:
         typer.echo(f"{row['name']:<24} {row['status']:<10} {row['age_minutes']:>8.1f} min  "
                    f"{'kept  ' if row['kept'] else ''}{row['owner']}  {row['url'] or ''}")
+    for e in endpoints:
+        if "unreadable" in e.extra:  # a damaged local record: say how to get rid of it
+            typer.secho(f"warning: endpoint {e.name}: {e.extra['unreadable']} (`cifar10-pipeline "
+                        f"endpoints delete {e.name}` removes the endpoint)",
+                        fg=typer.colors.YELLOW, err=True)
 
 
 @endpoints_app.command("delete")
@@ -318,6 +328,10 @@ def reap(
     kept = f", {len(report.kept_by_user)} kept by choice" if report.kept_by_user else ""
     typer.echo(f"{len(report.deleted)} {verb}, {len(report.younger)} younger than {older_than} "
                f"kept{kept}")
+    for error in report.errors:  # the others were reaped all the same
+        typer.secho(f"error: could not delete {error}", fg=typer.colors.RED, err=True)
+    if report.errors:
+        raise typer.Exit(1)
 
 
 Group = Annotated[str, typer.Option("--group", help="model package group")]
@@ -401,6 +415,48 @@ def reject(
     from backends.base import REJECTED
 
     _decide(backend, group, version, REJECTED, reason, region)
+
+
+BlockName = Annotated[str, typer.Option("--block", help="the notification block's name (or "
+                                                         "TYPE/NAME, e.g. slack-webhook/ops)")]
+
+
+@contextmanager
+def _notify_errors() -> Iterator[None]:
+    """No Prefect API, an untrusted one, or no such block: one line, no traceback."""
+    from deployments.automations import NoSuchBlock
+    from flows.prefect_api import PrefectUnavailable, api_for_commands
+
+    try:
+        with api_for_commands(on_status=lambda line: typer.echo(line, err=True)):
+            yield
+    except (PrefectUnavailable, NoSuchBlock) as e:
+        _fail(str(e))
+
+
+@notify_app.command("install")
+def notify_install(block: BlockName) -> None:
+    """Create (or update: never a second one) the automation that sends every Failed, Crashed
+    or TimedOut run of this project's deployments to BLOCK: which run, what failed, its UI
+    link, and the endpoint that may still be up."""
+    from deployments.automations import FAILURE_NOTICE, install_failure_notice
+
+    with _notify_errors():
+        install_failure_notice(block)
+    typer.echo(f"installed automation {FAILURE_NOTICE!r}: failed, crashed and timed-out "
+               f"deployment runs are sent to {block}")
+
+
+@notify_app.command("test")
+def notify_test(block: Annotated[str | None, typer.Option(
+        "--block", help="the block's name or TYPE/NAME (default: the one the installed "
+                        "automation sends to)")] = None) -> None:
+    """Send one test message through a notification block."""
+    from deployments.automations import send_test_notice
+
+    with _notify_errors():
+        sent_to = send_test_notice(block)
+    typer.echo(f"sent a test message through {sent_to}")
 
 
 def main() -> None:

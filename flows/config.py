@@ -11,7 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from backends.base import MODEL_GROUP_PATTERN, Backend, ConfigurationError
 from backends.settings import state_dir
 from model_src.cifar import whole_if_integral
-from tasks.lib.download import DEFAULT_MD5, DEFAULT_URL
+from tasks.lib.download import (
+    DEFAULT_DEADLINE_MINUTES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MD5,
+    DEFAULT_URL,
+)
 
 
 class _Section(BaseModel):
@@ -24,6 +29,12 @@ class DataSettings(_Section):
     md5: str | None = Field(DEFAULT_MD5, pattern=r"^[0-9a-fA-F]{32}$",
                             description="expected md5 of the archive; set it for a mirror, "
                                         "null skips the check")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1 << 20,
+                           description="refuse a download larger than this, in bytes "
+                                       "(CIFAR-10's archive is 170 MB)")
+    deadline_minutes: float = Field(DEFAULT_DEADLINE_MINUTES, gt=0, le=24 * 60,
+                                    description="give up a download attempt that has not "
+                                                "finished after this long")
     preview_images: int = Field(32, ge=1, le=64, description="images in the preview grid")
 
 
@@ -96,6 +107,33 @@ class AwsSettings(_Section):
                                                      "for capacity; default twice the runtime")
 
 
+class RetentionSettings(_Section):
+    """What the local backend keeps on this machine, applied at the start of every run and
+    sweep (the aws backend keeps nothing here: bound its bucket with S3 lifecycle rules).
+    Whatever the limits, nothing is removed that an Approved or PendingManualApproval version,
+    a kept or running endpoint, or a running job needs.
+
+    The defaults, for a nightly run left alone for months: ``keep_jobs`` 10, since a nightly
+    run that reuses its cached model trains only when its data, code or settings change, so
+    ten trainings are weeks of history, and a finished job weighs its log, its metrics and
+    its model (a few MB with the stronger network), so ten stay well under the dataset's
+    size. ``max_age_days`` 14: two weeks to look into a failed night after a holiday.
+    ``log_max_bytes`` 10 MB with ``log_backups`` 1: a healthy training log is a few kB (a line
+    per epoch); only a runaway script reaches the limit, and the newest 10-20 MB of it is what
+    tells why."""
+
+    keep_jobs: int | None = Field(10, ge=0, le=100_000,
+                                  description="training jobs kept, newest first (directory, "
+                                              "log, metrics, model); null: no count limit")
+    max_age_days: float | None = Field(14, ge=0, le=36_500,
+                                       description="jobs older than this go, even among the "
+                                                   "newest; null: no age limit")
+    log_max_bytes: int = Field(10_000_000, ge=4096, le=10**12,
+                               description="a training log rotates at this size")
+    log_backups: int = Field(1, ge=0, le=100, description="rotated parts of a training log "
+                                                          "kept besides the current one")
+
+
 class PipelineConfig(_Section):
     backend: Literal["local", "aws"] = Field(
         "local", description="local: this machine, no AWS or Docker; aws: Amazon SageMaker")
@@ -105,6 +143,7 @@ class PipelineConfig(_Section):
     smoke_test: SmokeTestSettings = SmokeTestSettings()
     registry: RegistrySettings = RegistrySettings()
     aws: AwsSettings = AwsSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @model_validator(mode="after")
     def _x86_instances_on_aws(self) -> PipelineConfig:
@@ -194,8 +233,10 @@ def get_backend(config: PipelineConfig, concurrent_jobs: int = 1) -> Backend:
 
         return AwsBackend(**config.aws.model_dump())
     from backends.local import LocalBackend
+    from backends.local.retention import RetentionPolicy
 
-    return LocalBackend(concurrent_jobs=concurrent_jobs)
+    return LocalBackend(concurrent_jobs=concurrent_jobs,
+                        retention=RetentionPolicy(**config.retention.model_dump()))
 
 
 def data_root() -> str:

@@ -43,6 +43,7 @@ from tasks.lib.summary import (
 )
 from tasks.registry import register_model
 from tasks.reporting import logger
+from tasks.retention import apply_retention
 from tasks.summary import publish_summary
 from tasks.training import fit, upload_data
 
@@ -207,6 +208,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
     """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down."""
     backend = get_backend(config)
     backend.prepare()  # while the data downloads
+    apply_retention(backend)  # what earlier runs left past the limits, or a kill
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = resource_name(run_id)
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
@@ -214,7 +216,9 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
     _, hosting_instance = config.instance_types()
 
     with stage(timings, "download"):
-        dataset = download_data(config.data.url, config.data.md5, data_root())
+        dataset = download_data(config.data.url, config.data.md5, data_root(),
+                                max_bytes=config.data.max_bytes,
+                                deadline_minutes=config.data.deadline_minutes)
     with stage(timings, "preview"):
         preview_data(dataset, config.data.preview_images)
     with stage(timings, "upload"):

@@ -11,6 +11,13 @@
   machine, failing early and plainly when it cannot start.
 
 ``python -m flows.prefect_api --fallback URL`` prints the API URL the Makefile's targets use.
+
+Trust: `make ui`'s server (the fallback) is this checkout's only when it proves it. ``make ui``
+starts it with ``PREFECT_SERVER_API_AUTH_STRING`` set to a secret generated once per checkout
+(``auth_file()``, mode 0600); a client uses the fallback only when (on Linux) the listener
+belongs to this user, a request without the secret is refused (401), and one with it is
+accepted. Anything else on the port (another user's server, a server without authentication,
+another checkout's) is refused in one line before a run, a deployment or a worker trusts it.
 """
 
 from __future__ import annotations
@@ -18,15 +25,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import base64
 import os
+import secrets
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 # `make ui`'s server: where `make serve`/`deploy`/`worker` register when no API is configured.
 LOCAL_UI_API_URL = "http://127.0.0.1:4200/api"
+# The secret `make ui`'s server requires (Prefect's basic auth, "user:password"), in the
+# pipeline's state directory: one per checkout.
+AUTH_FILE_NAME = "prefect-auth"
+AUTH_USER = "cifar10"
+# Routes every Prefect server answers only with valid credentials when auth is on (/health and
+# /ready are exempt); the UI's own login check calls this one.
+PROBE_PATH = "/admin/version"
 # The temporary server's start-up wait is at least this (Prefect's setting can raise it).
 STARTUP_TIMEOUT_SECONDS = 180
 ADVICE = ("start the Prefect server in another terminal (`make ui`, or `prefect server start`) "
@@ -172,28 +190,191 @@ def start_temporary_server(on_status: Callable[[str], None] = print) -> str:
     return server.api_url
 
 
+# --- trust: is the server at the fallback URL this checkout's `make ui`? -----------------------
+
+class UntrustedServer(PrefectUnavailable):
+    """Something at the fallback URL that is not this checkout's `make ui` server."""
+
+
+def auth_file() -> Path:
+    from backends.settings import state_dir
+
+    return state_dir() / AUTH_FILE_NAME
+
+
+def _read_secret(path: Path) -> str:
+    if path.stat().st_mode & 0o077:  # copied or restored with a wider mode: close it again
+        os.chmod(path, 0o600)
+    return path.read_text().strip()
+
+
+def auth_string(path: Path | None = None) -> str:
+    """This checkout's auth string for `make ui`'s server, created on first use (mode 0600,
+    never rewritten: a running server and its clients keep agreeing). Concurrent first calls
+    agree too: the secret is written to a private file and linked into place, and whoever
+    links second reads the winner's."""
+    path = path or auth_file()
+    if path.exists() and (existing := _read_secret(path)):
+        return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as out:
+            out.write(f"{AUTH_USER}:{secrets.token_urlsafe(24)}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            if not _read_secret(path):  # an empty file (a crash before ours existed)
+                os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return _read_secret(path)
+
+
+def _listener_uids(port: int, tables: dict[str, str]) -> set[int]:
+    """The owners of the sockets listening on ``port`` that take connections to 127.0.0.1,
+    from /proc/net/tcp-style ``tables`` (name → text)."""
+    reaches_loopback = {"tcp": {"0100007F", "00000000"},
+                        "tcp6": {"0" * 32, "0000000000000000FFFF00000100007F"}}
+    uids = set()
+    for name, text in tables.items():
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) == port and address in reaches_loopback[name]:
+                uids.add(int(fields[7]))
+    return uids
+
+
+def listener_owners(port: int) -> set[int] | None:
+    """Who listens on 127.0.0.1:``port``, where the platform says (Linux); else None."""
+    tables = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            tables[name] = Path(f"/proc/net/{name}").read_text()
+        except OSError:
+            continue
+    return _listener_uids(port, tables) if tables else None
+
+
+WHAT_TO_DO = ("stop it, or run this checkout's server on a free port (`make ui UI_PORT=4201`, "
+              "then the same UI_PORT for make serve/deploy/worker/run), or name a server you "
+              "trust with PREFECT_API_URL (and PREFECT_API_AUTH_STRING)")
+
+
+def verify_own_server(api_url: str, secret: str, timeout: float = 5) -> None:
+    """Returns when the server at ``api_url`` is this checkout's `make ui` server; otherwise
+    raises ``UntrustedServer`` (or ``PrefectUnavailable`` when nothing answers) with one line:
+    what is on the port, and what to do. The secret is sent only to a server of this user that
+    already refused a request without it."""
+    target = httpx.URL(api_url)
+    owners = listener_owners(target.port or 80) if target.host == "127.0.0.1" else None
+    if owners and owners != {os.getuid()}:
+        raise UntrustedServer(
+            f"the server on {target.host}:{target.port} belongs to another user (uid "
+            f"{', '.join(map(str, sorted(owners)))}), not to this checkout's `make ui`: "
+            f"{WHAT_TO_DO}")
+    probe = f"{api_url.rstrip('/')}{PROBE_PATH}"
+    token = base64.b64encode(secret.encode()).decode()
+    with_secret = None
+    with httpx.Client(timeout=timeout, trust_env=False) as client:  # loopback: no proxy
+        try:
+            anonymous = client.get(probe).status_code
+            if anonymous == 401:
+                with_secret = client.get(probe, headers={"Authorization": f"Basic {token}"}
+                                         ).status_code
+        except httpx.HTTPError as e:
+            raise PrefectUnavailable(
+                f"nothing answers at {api_url} ({type(e).__name__}): start this checkout's "
+                f"Prefect server first (`make ui` in another terminal)") from None
+    if with_secret != 200:
+        raise UntrustedServer(f"the server at {api_url} is not this checkout's `make ui`: "
+                              f"{_describe(anonymous, with_secret)}; {WHAT_TO_DO}")
+
+
+def _describe(anonymous: int, with_secret: int | None) -> str:
+    if anonymous < 400:
+        return ("it answers without authentication (a Prefect server started without this "
+                "checkout's auth string; an older `make ui` of this checkout: restart it)")
+    if with_secret == 401:
+        return (f"it requires a different auth string than this checkout's "
+                f"({auth_file()}): another checkout's or another user's Prefect server")
+    if with_secret is None:
+        return f"GET {PROBE_PATH} answers {anonymous}, so it is not a Prefect server"
+    return f"it answers {with_secret} to this checkout's credentials"
+
+
+def trusted_fallback(api_url: str) -> str:
+    """This checkout's auth string once the server at ``api_url`` proved to be ours."""
+    secret = auth_string()
+    verify_own_server(api_url, secret)
+    return secret
+
+
+@contextmanager
+def api_for_commands(on_status: Callable[[str], None] = print) -> Iterator[str]:
+    """The Prefect API for a command that is not a run (``notify``), as the Makefile picks
+    one: the user's own; else `make ui`'s while something answers there, once it proved to be
+    this checkout's (its auth string is then this process's); else the temporary server over
+    the same database (what it stores, `make ui` shows later)."""
+    from prefect.settings import temporary_settings
+
+    from backends.local import bypass_proxies_for_loopback
+
+    bypass_proxies_for_loopback()
+    if url := configured_api_url():
+        _check_configured(url)
+        yield url
+    elif _answers(LOCAL_UI_API_URL):
+        secret = trusted_fallback(LOCAL_UI_API_URL)
+        with temporary_settings(updates={"api.url": LOCAL_UI_API_URL,
+                                         "api.auth_string": secret}):
+            yield LOCAL_UI_API_URL
+    else:
+        yield start_temporary_server(on_status)
+
+
+def _answers(api_url: str) -> bool:
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=2, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.prefect_api",
         description="Print the Prefect API URL to use: PREFECT_API_URL from the environment "
-                    "or the active Prefect profile, else the fallback (nothing without one).")
+                    "or the active Prefect profile, else the fallback (nothing without one). "
+                    "A fallback is used only when it proves to be this checkout's `make ui` "
+                    "server; a second line, 'fallback', then says that the caller must send "
+                    "this checkout's auth string (PREFECT_API_AUTH_STRING).")
     parser.add_argument("--fallback", metavar="URL",
                         help="used when no API is configured (e.g. `make ui`'s server)")
     parser.add_argument("--if-up", action="store_true",
-                        help="print the fallback only when it answers its health check")
+                        help="use the fallback only when something answers there")
+    parser.add_argument("--print-auth-string", action="store_true",
+                        help="print this checkout's auth string (created on first use) and "
+                             "exit: what `make ui`'s server requires")
     args = parser.parse_args(argv)
+    if args.print_auth_string:
+        print(auth_string())
+        return
     # PREFECT_API_URL in the environment wins over every other source (Prefect's rule): a new
     # process knows that without loading Prefect's settings (about 1.5 s).
     url = os.environ.get("PREFECT_API_URL") or configured_api_url()
-    if url is None and args.fallback:
-        url = args.fallback
-        if args.if_up:
-            try:
-                up = httpx.get(f"{url.rstrip('/')}/health", timeout=2,
-                               trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                up = False
-            url = url if up else None
+    if url is None and args.fallback and not (args.if_up and not _answers(args.fallback)):
+        try:
+            trusted_fallback(args.fallback)
+        except PrefectUnavailable as e:
+            sys.exit(f"error: {e}")
+        url = f"{args.fallback}\nfallback"
     print(url or "")
 
 

@@ -13,6 +13,10 @@ from flows.config import AwsSettings, PipelineConfig, get_backend
 from tasks.reporting import logger
 
 
+class ReapIncomplete(RuntimeError):
+    """Some endpoints could not be deleted (the others were)."""
+
+
 @flow(name="cifar10-endpoint-reaper", log_prints=True)
 def reap_endpoints_flow(
     backend: Literal["local", "aws"] = "local",
@@ -23,7 +27,8 @@ def reap_endpoints_flow(
     aws: AwsSettings = AwsSettings(),  # noqa: B008
 ) -> dict:
     """Deletes pipeline-owned endpoints (tagged managed-by=cifar10-pipeline) older than the
-    TTL: what a crashed or killed run could not tear down.
+    TTL: what a crashed or killed run could not tear down. An endpoint that cannot be deleted
+    does not stop the others; the run fails afterwards, naming it.
 
     Args:
         backend: where the endpoints live: local (this machine) or aws
@@ -39,5 +44,12 @@ def reap_endpoints_flow(
     if report.kept_by_user:
         logger().info("left %d endpoint(s) the user chose to keep: %s", len(report.kept_by_user),
                       ", ".join(report.kept_by_user))
+    for error in report.errors:
+        logger().error("could not delete %s", error)
+    if report.errors:
+        # After the others were reaped: a failed run is what tells someone (the notification
+        # automation) that an endpoint may still be up and costing.
+        raise ReapIncomplete(f"{len(report.errors)} endpoint(s) could not be deleted: "
+                             + "; ".join(report.errors))
     return {"deleted": report.deleted, "younger": report.younger,
-            "kept_by_user": report.kept_by_user, "dry_run": dry_run}
+            "kept_by_user": report.kept_by_user, "errors": report.errors, "dry_run": dry_run}

@@ -44,6 +44,7 @@ from tasks.lib.summary import (
 )
 from tasks.registry import register_model
 from tasks.reporting import logger
+from tasks.retention import apply_retention
 from tasks.sweep import publish_sweep
 from tasks.training import fit, upload_data
 
@@ -113,6 +114,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     parallel = config.parallel_jobs(usable_cpus())
     backend = get_backend(base, concurrent_jobs=parallel)
     backend.prepare()  # while the data downloads
+    apply_retention(backend)  # what earlier runs left past the limits, or a kill
     run_id = str(current_flow_run.id or uuid.uuid4())
     tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
     timings: dict[str, float] = {}
@@ -122,7 +124,9 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
              ", ".join(swept) or "nothing (the base config)", parallel)
 
     with stage(timings, "download"):
-        dataset = download_data(base.data.url, base.data.md5, data_root())
+        dataset = download_data(base.data.url, base.data.md5, data_root(),
+                                max_bytes=base.data.max_bytes,
+                                deadline_minutes=base.data.deadline_minutes)
     with stage(timings, "upload"):
         data_uri = upload_data(backend, dataset)
     code = code_digest(SOURCE_DIR)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from hardware import choose_precision
 from networks import ARCHITECTURES, Classifier, build_model
 
 SUPPORTED_TYPES = (NPY, JSON)
+# How many images one request may carry (read per request, so the container's environment
+# sets it): a 6 MiB payload of uint8 pixels holds 2048 images, and a batch's activations cost
+# far more memory than its payload.
+MAX_IMAGES_VARIABLE = "CIFAR10_MAX_IMAGES_PER_REQUEST"
+DEFAULT_MAX_IMAGES = 1024
 
 try:  # Inside SageMaker's inference toolkit, its error type sets the HTTP status of the reply.
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
@@ -57,6 +63,10 @@ class UnsupportedMediaType(InferenceError):
 
 class NotAcceptable(InferenceError):
     status = 406
+
+
+class TooManyImages(InferenceError):
+    status = 413
 
 
 def model_fn(model_dir: str) -> Classifier:
@@ -97,23 +107,30 @@ def input_fn(request_body: bytes | str, content_type: str) -> torch.Tensor:
     media = _media_type(content_type)
     if isinstance(request_body, str):  # the SageMaker toolkit decodes JSON bodies to text
         request_body = request_body.encode()
-    if media == NPY:
-        array = _read_npy(request_body)
-    elif media == JSON:
-        try:
-            decoded = json.loads(request_body)
-            if isinstance(decoded, dict):
-                decoded = decoded["instances"]
-            array = np.asarray(decoded, dtype=np.float32)
-        except Exception as e:
-            raise InvalidPayload(
-                f"body is not a JSON array of numbers (or {{\"instances\": [...]}}): {e}"
-            ) from e
-    else:
+    if media not in SUPPORTED_TYPES:
         raise UnsupportedMediaType(
             f"content type {content_type!r} is not supported; use one of {list(SUPPORTED_TYPES)}"
         )
-    return _to_batch(array)
+    try:
+        return _to_batch(_read_npy(request_body) if media == NPY else _read_json(request_body))
+    except InferenceError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError) as e:
+        # Every byte of the body is the client's: whatever a check above missed and numpy
+        # or torch then refuse is still a malformed payload (400), never a server error.
+        raise InvalidPayload(f"malformed payload: {type(e).__name__}: {e}") from e
+
+
+def _read_json(body: bytes) -> np.ndarray:
+    try:
+        decoded = json.loads(body)
+        if isinstance(decoded, dict):
+            decoded = decoded["instances"]
+        return np.asarray(decoded, dtype=np.float32)
+    except Exception as e:
+        raise InvalidPayload(
+            f"body is not a JSON array of numbers (or {{\"instances\": [...]}}): {e}"
+        ) from e
 
 
 # The header numpy.save writes for plain arrays. Matching it directly costs a tenth of numpy's
@@ -123,17 +140,25 @@ _NPY_HEADER = re.compile(
     rb"'shape': \((\d+(?:, \d+)*)?,?\), \} *\n", re.DOTALL)
 
 
+# The .npy versions numpy reads (3.0 differs from 2.0 only in a header's non-ASCII text).
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0,
+                   (3, 0): np.lib.format.read_array_header_2_0}
+
+
 def _npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran order, dtype, offset of the data) of a .npy body."""
     match = _NPY_HEADER.match(body)
-    if match:
+    # The fast path trusts the header's text only where its declared length agrees (as
+    # numpy's parser, which reads exactly that many bytes, would).
+    if match and 10 + int.from_bytes(body[8:10], "little") == match.end():
         shape = tuple(int(n) for n in match.group(3).split(b", ")) if match.group(3) else ()
         return shape, match.group(2) == b"True", np.dtype(match.group(1).decode()), match.end()
     buffer = io.BytesIO(body)
     version = np.lib.format.read_magic(buffer)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, fortran_order, dtype = read_header(buffer)
+    if version not in _HEADER_READERS:  # read_magic takes any version numbers
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran_order, dtype = _HEADER_READERS[version](buffer)
     return shape, fortran_order, dtype, buffer.tell()
 
 
@@ -146,6 +171,7 @@ def _read_npy(body: bytes) -> np.ndarray:
         raise InvalidPayload(f"body is not a valid .npy array: {e}") from e
     if dtype.hasobject:
         raise InvalidPayload("the .npy array holds pickled Python objects, which are refused")
+    _check_dtype(dtype)
     _check_shape(shape)
     expected = math.prod(shape) * dtype.itemsize
     data = memoryview(body)[offset:]
@@ -155,6 +181,17 @@ def _read_npy(body: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
+def _check_dtype(dtype: np.dtype) -> None:
+    """Plain float or uint8 pixels only, refused before any data is read: zero-size ('|V0',
+    '<U0'), structured, sub-array and every other dtype would otherwise reach numpy calls
+    that raise on them (frombuffer of an itemsize-0 type) or reinterpret the data."""
+    plain = dtype.fields is None and dtype.subdtype is None and dtype.itemsize > 0
+    if not plain or not (dtype.kind == "f" or dtype == np.uint8):
+        raise InvalidPayload(
+            f"expected float pixels in [0, 1] or uint8 pixels, got dtype {dtype} ({dtype.str})"
+        )
+
+
 def _check_shape(shape: tuple[int, ...]) -> None:
     if len(shape) == 3:
         shape = (1, *shape)
@@ -162,17 +199,34 @@ def _check_shape(shape: tuple[int, ...]) -> None:
         raise InvalidPayload(f"expected images shaped N x 3 x 32 x 32 (N >= 1), got {shape}")
 
 
+def _check_count(images: int) -> None:
+    """Checked once the body is known to hold them: a header that claims more images than
+    its data holds is malformed (400), not too large."""
+    limit = max_images()
+    if images > limit:
+        raise TooManyImages(f"{images} images in one request is over the limit of {limit} "
+                            f"({MAX_IMAGES_VARIABLE}); send them in several requests")
+
+
+def max_images() -> int:
+    """The images-per-request limit: the environment's, else the default."""
+    value = os.environ.get(MAX_IMAGES_VARIABLE, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_IMAGES
+
+
 def _to_batch(array: np.ndarray) -> torch.Tensor:
     _check_shape(tuple(array.shape))
     if array.ndim == 3:
         array = array[None]
+    _check_count(len(array))
     if array.dtype == np.uint8:
         return torch.from_numpy(array.astype(np.float32) / 255)
     if array.dtype.kind != "f":
         raise InvalidPayload(
             f"expected float pixels in [0, 1] or uint8 pixels, got dtype {array.dtype}"
         )
-    array = array.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out of float32's range: inf, refused
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise InvalidPayload("images contain NaN or infinite values")
     return torch.from_numpy(array)

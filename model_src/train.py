@@ -229,18 +229,29 @@ def init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[in
     backend = args.dist_backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    # MASTER_*: torchrun and the local backend; SM_MASTER_*: SageMaker's training drivers.
-    master_addr = (os.environ.get("MASTER_ADDR") or os.environ.get("SM_MASTER_ADDR")
-                   or args.hosts[0])
-    master_port = (os.environ.get("MASTER_PORT") or os.environ.get("SM_MASTER_PORT")
-                   or "29500")
-    print(f"joining {backend} process group as rank {rank}/{world_size} "
-          f"via {master_addr}:{master_port}", flush=True)
+    init_method = rendezvous(args.hosts)
+    # A TCP store shows as host:port, as SageMaker's own drivers log it.
+    print(f"joining {backend} process group as rank {rank}/{world_size} via "
+          f"{init_method.removeprefix('tcp://')}", flush=True)
     dist.init_process_group(
-        backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+        backend=backend, init_method=init_method,
         rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10),
     )
     return rank, world_size
+
+
+def rendezvous(hosts: list[str]) -> str:
+    """Where the hosts meet. The local backend's hosts share a job directory: a file store
+    there (``CIFAR10_RENDEZVOUS_FILE``) needs no listening port that anyone could race for or
+    connect to. Elsewhere the master's TCP store: MASTER_* from torchrun, SM_MASTER_* from
+    SageMaker's training drivers, else the first host on torch's default port."""
+    if path := os.environ.get("CIFAR10_RENDEZVOUS_FILE"):
+        return f"file://{path}"
+    master_addr = (os.environ.get("MASTER_ADDR") or os.environ.get("SM_MASTER_ADDR")
+                   or hosts[0])
+    master_port = (os.environ.get("MASTER_PORT") or os.environ.get("SM_MASTER_PORT")
+                   or "29500")
+    return f"tcp://{master_addr}:{master_port}"
 
 
 # -- training ----------------------------------------------------------------------------------

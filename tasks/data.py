@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
 
 from model_src.cifar import CLASSES, read_batch
-from tasks.lib.download import Dataset, display_url, fetch_cifar10
+from tasks.lib.download import (
+    DEFAULT_DEADLINE_MINUTES,
+    DEFAULT_MAX_BYTES,
+    Dataset,
+    clear_stale_work_dirs,
+    display_url,
+    fetch_cifar10,
+)
 from tasks.lib.plots import image_grid
 from tasks.reporting import logger, markdown_image, publish_markdown
 from tasks.retries import retry_transient
 
 
-@task(name="download_data", task_run_name="download {url}", retries=2,
+def _download_run_name(parameters: dict[str, Any]) -> str:
+    """The task run's name in the UI, with the URL redacted (it may carry a token)."""
+    return f"download {display_url(parameters['url'])}"
+
+
+@task(name="download_data", task_run_name=_download_run_name, retries=2,
       retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def download_data(url: str, md5: str | None, data_root: Path) -> Dataset:
-    """Fetches CIFAR-10 into ``data_root`` unless a verified copy is already there."""
+def download_data(url: str, md5: str | None, data_root: Path,
+                  max_bytes: int = DEFAULT_MAX_BYTES,
+                  deadline_minutes: float = DEFAULT_DEADLINE_MINUTES) -> Dataset:
+    """Fetches CIFAR-10 into ``data_root`` unless a verified copy is already there; refuses
+    more than ``max_bytes`` and gives up an attempt after ``deadline_minutes``."""
     log = logger()
     shown = display_url(url)
+    cleared = clear_stale_work_dirs(Path(data_root))
+    if cleared:
+        log.info("removed %d stale download directories (%.0f MB) that interrupted runs left "
+                 "in %s", len(cleared), sum(size for _, size in cleared) / 1e6, data_root)
     if not md5:
         log.warning("no checksum given for %s: the archive is not verified", shown)
     reported = [-1]
@@ -31,7 +51,8 @@ def download_data(url: str, md5: str | None, data_root: Path) -> Dataset:
             of = f" of {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
             log.info("downloaded %.1f%s", done / 1e6, of)
 
-    dataset = fetch_cifar10(Path(data_root), url=url, md5=md5, progress=progress)
+    dataset = fetch_cifar10(Path(data_root), url=url, md5=md5, progress=progress,
+                            max_bytes=max_bytes, deadline_minutes=deadline_minutes)
     if dataset.reused:
         log.info("reusing the verified copy in %s (md5 %s): nothing downloaded",
                  dataset.path, dataset.md5)
@@ -44,18 +65,18 @@ def download_data(url: str, md5: str | None, data_root: Path) -> Dataset:
 
 @task(name="preview_data", task_run_name="preview {count} training images")
 def preview_data(dataset: Dataset, count: int = 32) -> bytes:
-    """A captioned grid of the first training images, as a PNG artifact."""
+    """A captioned grid of the first training images, as an image artifact (JPEG bytes)."""
     batch = sorted(Path(dataset.path).glob("data_batch_*"))[0]
     images, labels = read_batch(batch)
     count = min(count, len(images))
-    png = image_grid(np.asarray(images[:count]), [CLASSES[i] for i in labels[:count]],
+    grid = image_grid(np.asarray(images[:count]), [CLASSES[i] for i in labels[:count]],
                      title=f"CIFAR-10 training images ({batch.name})")
     publish_markdown(
         "cifar10-preview",
-        f"## Training data preview\n\n{markdown_image(png, 'training images')}\n\n"
+        f"## Training data preview\n\n{markdown_image(grid, 'training images')}\n\n"
         f"First {count} images of `{batch.name}` from `{display_url(dataset.url)}` "
         f"(md5 `{dataset.md5}`).",
         description="Sample training images with their class names",
     )
-    logger().info("preview of %d images published (%d KB PNG)", count, len(png) // 1024)
-    return png
+    logger().info("preview of %d images published (%d KB JPEG)", count, len(grid) // 1024)
+    return grid

@@ -115,11 +115,11 @@ def _publish(result: SmokeTestResult, pixels: np.ndarray, labels: np.ndarray,
                 for t, p in zip(labels[:shown], predicted[:shown], strict=True)]
     colors = ["green" if t == p else "red"
               for t, p in zip(labels[:shown], predicted[:shown], strict=True)]
-    png = image_grid(pixels[:shown], captions, colors,
+    grid = image_grid(pixels[:shown], captions, colors,
                      title="true label (green: predicted right; red: true→predicted)")
     publish_markdown(
         "cifar10-predictions",
-        f"## Predictions from `{endpoint_name}`\n\n{markdown_image(png, 'predictions')}\n\n"
+        f"## Predictions from `{endpoint_name}`\n\n{markdown_image(grid, 'predictions')}\n\n"
         f"Accuracy on {result.images} test images: **{result.accuracy:.1%}** "
         f"(floor {result.accuracy_floor:.0%}).",
         description="Test images with true and predicted labels",

@@ -27,37 +27,72 @@ def register_model(backend: Backend, group: str, training: TrainingResult,
                    hosting_instance: str, tags: dict[str, str], tolerance: float = 0.005,
                    auto_approve: bool = True, passed_over: str | None = None) -> RegistrySummary:
     """Registers the model as the next version of ``group``, approved, rejected or pending as
-    the promotion gate decides against the current champion. A rejected model does not fail
-    the run: the decision is reported. A model that was never hosted (``smoke`` None: a sweep
-    point that another point beat, ``passed_over`` says how) is rejected."""
+    the promotion gate decides against the champion at the moment of registration (under the
+    registry's lock where it has one). A rejected model does not fail the run: the decision is
+    reported. A model that was never hosted (``smoke`` None: a sweep point that another point
+    beat, ``passed_over`` says how) is rejected. A cached model that is already registered is
+    not registered again: the summary names the existing version."""
     log = logger()
-    before = champion(backend.list_model_versions(group))
+    if existing := already_registered(backend, group, training, smoke):
+        log.info("the model of job %s is already %s version %d (%s: %s): not registered again",
+                 existing.training_job, group, existing.version, existing.status,
+                 existing.reason)
+        now = champion(backend.list_model_versions(group))
+        publish_markdown("cifar10-model-lineage", lineage_markdown(existing, now, reused=True),
+                         description=f"{group} v{existing.version} (already registered) "
+                                     f"beside the champion")
+        return RegistrySummary(group=group, version=existing.version, status=existing.status,
+                               reason=existing.reason, champion_before=None, reused=True)
     test_accuracy = float(training.metrics.get("test_accuracy", 0.0))
     metrics = {"test_accuracy": test_accuracy,
                "test_loss": float(training.metrics.get("test_loss", 0.0))}
-    if smoke is None:
-        status, reason = REJECTED, f"not hosted: {passed_over or 'no smoke test'}"
-        if not auto_approve:
-            status, reason = PENDING, f"awaiting manual approval ({reason})"
-    else:
-        status, reason = decide(test_accuracy, smoke.passed,
-                                smoke.accuracy, smoke.accuracy_floor, before, tolerance,
-                                auto_approve)
+    if smoke is not None:
         metrics["smoke_accuracy"] = smoke.accuracy
-    version = backend.register_model(ModelVersionSpec(
+
+    def gate(before: ModelVersion | None) -> tuple[str, str]:
+        # Called by the backend at the moment of registration (locally: under the group's
+        # lock), so the champion is the one the new version really follows.
+        if smoke is None:
+            reason = f"not hosted: {passed_over or 'no smoke test'}"
+            return (REJECTED, reason) if auto_approve else (
+                PENDING, f"awaiting manual approval ({reason})")
+        return decide(test_accuracy, smoke.passed, smoke.accuracy, smoke.accuracy_floor,
+                      before, tolerance, auto_approve)
+
+    registration = backend.register_model(ModelVersionSpec(
         group=group, model_uri=training.model_uri, training_job=training.cached_from
-        or training.job_name, cache_key=cache_key, status=status, reason=reason,
-        metrics=metrics, lineage=lineage, instance_type=hosting_instance, tags=tags))
+        or training.job_name, cache_key=cache_key, metrics=metrics, lineage=lineage,
+        instance_type=hosting_instance, tags=tags), gate)
+    version, before = registration.version, registration.champion_before
     log.info("registered %s version %d: %s (%s)", group, version.version, version.status,
-             reason)
+             version.reason)
     publish_markdown("cifar10-model-lineage", lineage_markdown(version, before),
                      description=f"{group} v{version.version} beside the champion")
     return RegistrySummary(group=group, version=version.version, status=version.status,
-                           reason=reason, champion_before=before.version if before else None)
+                           reason=version.reason,
+                           champion_before=before.version if before else None)
 
 
-def lineage_markdown(version: ModelVersion, before: ModelVersion | None) -> str:
-    """The new version beside the champion it was measured against."""
+def already_registered(backend: Backend, group: str, training: TrainingResult,
+                       smoke: SmokeTestResult | None) -> ModelVersion | None:
+    """The newest version of ``group`` holding this cached model (same artifact, same job),
+    else None. A model that was never hosted before (a sweep point another point beat) but is
+    smoke-tested now is registered again, so that the gate decides on the new evidence. Read
+    outside the lock: two cached runs at the same moment may both register, which costs a
+    duplicate version, never a wrong decision."""
+    if not training.cached_from:
+        return None
+    same = [v for v in backend.list_model_versions(group)
+            if v.model_uri == training.model_uri and v.training_job == training.cached_from]
+    if smoke is not None:
+        same = [v for v in same if "smoke_accuracy" in v.metrics]
+    return max(same, key=lambda v: v.version, default=None)
+
+
+def lineage_markdown(version: ModelVersion, before: ModelVersion | None,
+                     reused: bool = False) -> str:
+    """The new version beside the champion it was measured against (``reused``: the version
+    that already held this cached model, beside the champion now)."""
     def cells(v: ModelVersion | None) -> list[str]:
         if v is None:
             return ["-"] * 11
@@ -75,6 +110,9 @@ def lineage_markdown(version: ModelVersion, before: ModelVersion | None) -> str:
               "model artifact"]
     rows = "\n".join(f"| {label} | {new} | {old} |" for label, new, old in
                      zip(labels, cells(version), cells(before), strict=True))
-    champion_label = f"champion before (v{before.version})" if before else "champion before"
-    return (f"## Model lineage: `{version.group}` v{version.version}\n\n"
+    champion_label = "champion now" if reused else "champion before"
+    champion_label += f" (v{before.version})" if before else ""
+    note = (f"\nThis run's model was cached from job `{version.training_job}`, already "
+            f"registered as v{version.version}: it was not registered again.\n" if reused else "")
+    return (f"## Model lineage: `{version.group}` v{version.version}\n{note}\n"
             f"| | this run | {champion_label} |\n|---|---|---|\n{rows}\n")

@@ -42,10 +42,12 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
     return _fallback
 
 
-def markdown_image(png: bytes, alt: str) -> str:
-    if len(png) > MAX_EMBEDDED_IMAGE_BYTES:
-        raise ValueError(f"{alt}: {len(png)} bytes is too large to embed in an artifact")
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def markdown_image(image: bytes, alt: str) -> str:
+    """The image (PNG or JPEG, told by its signature) embedded in markdown as a data URL."""
+    if len(image) > MAX_EMBEDDED_IMAGE_BYTES:
+        raise ValueError(f"{alt}: {len(image)} bytes is too large to embed in an artifact")
+    mime = "image/jpeg" if image.startswith(b"\xff\xd8") else "image/png"
+    return f"![{alt}](data:{mime};base64,{base64.b64encode(image).decode()})"
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:

@@ -40,8 +40,7 @@ EXPECTED_CALLS = [
     "sagemaker:DescribeEndpointConfig",  # which model?
     "sagemaker:DeleteEndpointConfig",
     "sagemaker:DeleteModel",
-    "sagemaker:DescribeModelPackageGroup",  # register: the champion (none: no group yet)
-    "sagemaker:DescribeModelPackageGroup",  # the group, created on first use
+    "sagemaker:DescribeModelPackageGroup",  # register: the group, created on first use
     "sagemaker:CreateModelPackageGroup",
     "sagemaker:CreateModelPackage",
     "sagemaker:UpdateModelPackage",  # the gate's decision with its reason

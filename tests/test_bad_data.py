@@ -1,6 +1,6 @@
 """Bad data, end to end: with a good verified copy already in place, every kind of bad input
 ends in a clear error, writes nothing outside the data directory, and leaves the good copy
-exactly as it was."""
+exactly as it was. That holds for downloads cut off by their bounds too (size cap, deadline)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import pickle
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,13 @@ from tasks.lib.download import (
     BadArchive,
     ChecksumMismatch,
     DataError,
+    DownloadTimedOut,
+    DownloadTooLarge,
     UnsafeArchive,
     fetch_cifar10,
     verified_copy,
 )
+from tests.support.hostile_http import hostile_http_server
 from tests.support.pipeline import FAST_HYPERPARAMETERS
 from tests.support.reporting import report_table
 from tests.support.synthetic import make_cifar_dir
@@ -55,8 +58,8 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.
     return info
 
 
-def bad_inputs(workdir: Path, http_server: str, good_name: str,
-               good_bytes: bytes) -> dict[str, Callable[[Path], object]]:
+def bad_inputs(workdir: Path, http_server: str, good_name: str, good_bytes: bytes,
+               hostile_url: str) -> dict[str, Callable[[Path], object]]:
     """Each bad input as a call that fetches it into a data root."""
     truncated = workdir / "truncated.tar.gz"
     truncated.write_bytes(good_bytes[: len(good_bytes) // 3])
@@ -83,6 +86,12 @@ def bad_inputs(workdir: Path, http_server: str, good_name: str,
         # (another checksum, as for a new version: the good copy alone would satisfy good_md5)
         "interrupted download": lambda root: fetch_cifar10(
             root, f"{http_server}/cut/{good_name}", "e" * 32),
+        "announced over the size cap": lambda root: fetch_cifar10(
+            root, f"{hostile_url}/announces-2GiB", "e" * 32),
+        "streamed past the size cap": lambda root: fetch_cifar10(
+            root, f"{hostile_url}/endless", "e" * 32, max_bytes=1_000_000),
+        "trickled past the deadline": lambda root: fetch_cifar10(
+            root, f"{hostile_url}/trickle", "e" * 32, deadline_minutes=0.005),
     }
 
 
@@ -96,15 +105,26 @@ EXPECTED = {
     "device file": (UnsafeArchive, "device"),
     "no batches in archive": (BadArchive, "no CIFAR-10 batches"),
     "interrupted download": (DataError, "cut short"),
+    "announced over the size cap": (DownloadTooLarge, "over the cap"),
+    "streamed past the size cap": (DownloadTooLarge, "more than the cap"),
+    "trickled past the deadline": (DownloadTimedOut, "past the deadline"),
 }
 
 
-def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, cifar_tarball):
+@pytest.fixture(scope="module")
+def hostile(http_root) -> Iterator[str]:
+    with hostile_http_server(http_root) as (url, _):
+        yield url
+
+
+def test_bad_data_never_damages_a_good_copy(tmp_path, http_server, http_root, cifar_tarball,
+                                            hostile):
     name, md5 = cifar_tarball
     data_root = tmp_path / "project" / "data"
     good = fetch_cifar10(data_root, f"{http_server}/{name}", md5)
     (tmp_path / "inputs").mkdir()
-    inputs = bad_inputs(tmp_path / "inputs", http_server, name, (http_root / name).read_bytes())
+    inputs = bad_inputs(tmp_path / "inputs", http_server, name, (http_root / name).read_bytes(),
+                        hostile)
     outside_before = snapshot(tmp_path)
     table = report_table("Bad data (a good copy already in place each time)",
                          ["input", "error", "written outside data dir", "good copy intact"])

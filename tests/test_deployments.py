@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import http.server
+import json
 import os
 import signal
+import threading
+import time
 import zoneinfo
 from collections.abc import Iterator
 from typing import Any
@@ -42,7 +46,7 @@ PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 # the configured zone, not in UTC or the machine's, on any day of the year.
 TIMEZONE = "Asia/Kolkata"
 STAGE_TASKS = ["download_data", "preview_data", "upload_data", "fit", "deploy", "smoke_predict",
-               "delete_endpoint", "register_model", "publish_summary"]
+               "delete_endpoint", "register_model", "publish_summary", "apply_retention"]
 
 
 def api() -> httpx.Client:
@@ -301,10 +305,71 @@ def subprocess_env(tmp_path_factory) -> Iterator[None]:
         yield
 
 
+# --- someone is told: a notification block on a loopback receiver ----------------------------
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A loopback webhook endpoint: remembers every POST as (path, JSON body)."""
+
+    def __init__(self):
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def posts_to(self, path: str) -> list[dict[str, Any]]:
+        return [body for to, body in self.posts if to == path]
+
+
+class ReceiverHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.posts.append((self.path, json.loads(body)))
+        self.send_response(200)
+        self.end_headers()
+
+
 @pytest.fixture(scope="module")
-def deployment_runs(deployed, http_server, cifar_tarball, tmp_path_factory):
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def webhook_block(receiver: Receiver, name: str, path: str) -> str:
+    """A CustomWebhookNotificationBlock posting {subject, body} to ``receiver``; its name."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    CustomWebhookNotificationBlock(
+        name=name, url=receiver.url(path), json_data={"subject": "{{subject}}",
+                                                      "body": "{{body}}"},
+        allow_private_urls=True,  # a loopback receiver
+    ).save(name, overwrite=True)
+    return name
+
+
+@pytest.fixture(scope="module")
+def failure_notice(prefect_harness, receiver):
+    """What `make serve NOTIFY_BLOCK=on-call` installs, installed twice (it must stay one)."""
+    from deployments.automations import install_failure_notice
+
+    block = webhook_block(receiver, "on-call", "/on-call")
+    install_failure_notice(block)
+    return install_failure_notice(block)
+
+
+@pytest.fixture(scope="module")
+def deployment_runs(deployed, failure_notice, http_server, cifar_tarball, tmp_path_factory):
     """A good run, one that bypasses the API's parameter check (a client may ask for that)
-    and a dry run of the reaper, executed side by side by one runner in subprocesses."""
+    and a dry run of the reaper, executed side by side by one runner in subprocesses (the
+    failure notice is installed first)."""
     good = {"config": config_for(http_server, cifar_tarball).model_dump(mode="json")}
     bad = {"config": {**good["config"], "training": {"epochs": 0}}}
     with api() as client:
@@ -373,3 +438,70 @@ def test_parameters_are_merged_per_key(deployed):
         **pipeline_parameters()["config"],
         "training": {**pipeline_parameters()["config"]["training"], "epochs": 5}}
 
+
+
+def test_a_failed_deployment_run_is_sent_to_the_notification_block_once(deployment_runs,
+                                                                        receiver):
+    """One failed run (of the three) produces exactly one message, saying which run, what
+    failed, where to look, and which endpoint may still be up."""
+    from flows.pipeline import resource_name
+
+    failed = deployment_runs[1]
+
+    def notices() -> list[dict[str, Any]]:
+        return [p for p in receiver.posts_to("/on-call") if failed["id"] in p["body"]]
+
+    [notice] = live.wait_until(notices, "the failure notice arrives", timeout=60)
+    time.sleep(3)  # a duplicate would come within the same round of the automation service
+    assert len(receiver.posts_to("/on-call")) == 1 == len(notices())
+    print("the failure notice:", notice["subject"], "\n" + notice["body"])
+    assert notice["subject"] == f"cifar10-pipeline run {failed['name']} ended Failed"
+    body = notice["body"]
+    assert f"Flow run {failed['name']} of cifar10-pipeline (deployment " \
+           f"cifar10-pipeline/{PIPELINE_DEPLOYMENT}) ended Failed." in body
+    assert "What failed: Validation of flow parameters failed" in body
+    # The UI link; the tests' temporary server has no UI URL (`make ui` sets PREFECT_UI_URL),
+    # so the notice names the run for the UI instead.
+    assert f"/runs/flow-run/{failed['id']}" in body or (
+        f"Open it: flow run {failed['id']} in the Prefect UI (this server has no "
+        f"PREFECT_UI_URL to link to)" in body)
+    endpoint = resource_name(failed["id"])
+    assert f"The endpoint {endpoint} may still be up" in body
+    assert f"cifar10-pipeline endpoints delete {endpoint}" in body
+
+
+def test_installing_the_failure_notice_again_keeps_one(failure_notice):
+    with api() as client:
+        automations = client.post("/automations/filter", json={}).json()
+    named = [a for a in automations if a["name"] == failure_notice.name]
+    assert len(named) == 1 and named[0]["id"] == str(failure_notice.id)
+    assert set(named[0]["trigger"]["expect"]) == {
+        "prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+
+
+def test_notify_test_sends_one_message(prefect_harness, receiver, failure_notice):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    block = webhook_block(receiver, "manual-check", "/manual-check")
+    result = CliRunner().invoke(app, ["notify", "test", "--block", block])
+    assert result.exit_code == 0, result.output
+    assert "sent a test message through custom-webhook/manual-check" in result.output
+    [message] = receiver.posts_to("/manual-check")
+    assert message["subject"] == "cifar10-pipeline: a test notification"
+    # Without --block: the block the installed automation sends to.
+    before = len(receiver.posts_to("/on-call"))
+    result = CliRunner().invoke(app, ["notify", "test"])
+    assert result.exit_code == 0, result.output
+    assert len(receiver.posts_to("/on-call")) == before + 1
+
+
+def test_notify_names_a_missing_block_in_one_line(prefect_harness):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["notify", "install", "--block", "nobody-listens"])
+    assert result.exit_code == 1
+    assert "error: no notification block named 'nobody-listens'" in result.output

@@ -88,7 +88,7 @@ def test_flow_publishes_its_artifacts(first_run):
     artifacts = artifacts_of(state.state_details.flow_run_id)
     assert set(artifacts) >= ARTIFACT_KEYS
     for key in ("cifar10-preview", "cifar10-predictions"):
-        assert "](data:image/png;base64," in artifacts[key].data
+        assert "](data:image/jpeg;base64," in artifacts[key].data
     assert "model artifact" in artifacts["cifar10-run-summary"].data
     assert artifacts["cifar10-training-progress"].data == 100.0
 
@@ -111,9 +111,12 @@ def test_an_unchanged_run_reuses_the_training(first_run, second_run, own_state_d
     assert again.training.model_uri == first.training.model_uri
     assert again.training.billable_seconds == 0
     assert jobs(own_state_dir) == trained_jobs  # no new training job
-    assert again.registry.version == first.registry.version + 1
-    assert again.registry.status == APPROVED  # the same model, so as good as the champion
-    assert "cached from job" in again.text()
+    # The same model, already registered: named, not registered again.
+    assert (again.registry.version, again.registry.reused) == (first.registry.version, True)
+    assert again.registry.status == first.registry.status == APPROVED
+    assert [v.version for v in LocalBackend().list_model_versions(GROUP)
+            if v.training_job == first.training.job_name] == [first.registry.version]
+    assert "cached from job" in again.text() and "not registered again" in again.text()
 
 
 @pytest.mark.parametrize("change", ["hyperparameter", "no-cache"])

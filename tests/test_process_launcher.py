@@ -4,11 +4,13 @@ would; each test runs both ways and compares."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,36 @@ def test_the_launcher_a_run_prepares_is_the_one_its_hosts_and_servers_use(probe_
     server_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     assert launcher._launcher_for(sys.executable, host_env) is prepared
     assert launcher._launcher_for(sys.executable, server_env) is prepared
+
+
+def test_a_wedged_launcher_times_out_and_the_child_starts_as_a_plain_process(
+        tmp_path, probe_env, monkeypatch, caplog):
+    """A launcher that stops answering (here SIGSTOPped) costs a launch the timeout, not
+    forever: it is killed and forgotten, a warning says so, and the child starts as a new
+    process that its program cannot tell apart."""
+    monkeypatch.setattr(launcher, "WARM_START", True)
+    monkeypatch.setattr(launcher, "LAUNCH_TIMEOUT_SECONDS", 3.0)
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**probe_env, "MALLOC_PROBE_WEDGED": "1"}  # a load-time setting: a launcher of its own
+    assert run(["probe.py", "0"], tmp_path, env, True, monkeypatch)[0] == 0  # it answers
+    wedged = launcher._launcher_for(sys.executable, env)
+    os.kill(wedged.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with open(tmp_path / "output.txt", "wb") as out:
+            process = launcher.launch([sys.executable, "probe.py", "4"], env=env, cwd=tmp_path,
+                                      output=out.fileno(), die_with_parent=True)
+        assert time.monotonic() - started < launcher.LAUNCH_TIMEOUT_SECONDS + 8
+        assert isinstance(process, subprocess.Popen)  # not forked by a launcher
+        assert process.wait(timeout=60) == 4
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(wedged.process.pid, signal.SIGCONT)
+    report = report_in((tmp_path / "output.txt").read_text())
+    assert report["own_session"] and report["name"] == "__main__"
+    assert report["setting"] == "set for this process" and report["stdin"] == ""
+    assert "did not answer within 3 s" in caplog.text and "as a plain process" in caplog.text
+    assert not wedged.alive and wedged.process.wait(timeout=10) == -signal.SIGKILL
+    # The next launch gets a new launcher, which answers.
+    assert run(["probe.py", "0"], tmp_path, env, True, monkeypatch)[0] == 0
+    assert launcher._launcher_for(sys.executable, env) is not wedged

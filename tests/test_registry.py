@@ -118,7 +118,7 @@ backend = LocalBackend(root=sys.argv[1])
 for i in range(5):
     backend.register_model(ModelVersionSpec(
         group="cifar10-pipeline", model_uri="file:///m", training_job=f"{sys.argv[2]}-{i}",
-        cache_key="k", status="Approved", reason="r", metrics={}, lineage={}))
+        cache_key="k", metrics={}, lineage={}), lambda champion: ("Approved", "r"))
 """
 
 

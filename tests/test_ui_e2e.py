@@ -1,7 +1,9 @@
-"""End to end, the way a user does it, with real processes: `prefect server start` (API, UI and
-the scheduler) on a free loopback port over a temporary PREFECT_HOME, `python -m
-deployments.serve` against it, `prefect deployment run` with parameter overrides (generated
-data over loopback HTTP, fast hyperparameters), and the flow run's page in headless Chromium.
+"""End to end, the way a user does it, with real processes: `make ui` (Prefect's API, UI and
+scheduler, with this checkout's auth string) on a free loopback port over a temporary
+PREFECT_HOME, `make serve` finding it as the trusted fallback, `make deploy` naming it as the
+user's own server, `prefect deployment run` with parameter overrides (generated data over
+loopback HTTP, fast hyperparameters), and the flow run's page in headless Chromium, logged in
+with what `make ui` printed.
 
 Every process starts in its own process group and is stopped with its group when the module's
 tests end, pass or fail. Screenshots go to the pytest temp dir and to .state/screenshots/
@@ -43,9 +45,31 @@ zone_far_from_2am = live.zone_far_from_2am
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prefect_database) -> Iterator[Server]:
-    with live.prefect_server(tmp_path_factory.mktemp("real-server"),
-                             database=prefect_database) as server:
+    with live.make_ui(tmp_path_factory.mktemp("real-server"), database=prefect_database,
+                      settings={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}) as server:
         yield server
+
+
+def port_of(server: Server) -> str:
+    return server.url.rsplit(":", 1)[1]
+
+
+def test_make_ui_requires_this_checkouts_auth_string_and_vacuums_old_runs(server):
+    """`make ui` prints what to enter on the UI's login page; its API refuses requests
+    without that string (health checks aside), and its database vacuum deletes finished runs
+    after RUN_RETENTION_DAYS (90 by default)."""
+    auth_file = server.logs / "pipeline-home" / "prefect-auth"
+    assert auth_file.stat().st_mode & 0o777 == 0o600
+    assert f"log in with: {server.auth_string} (kept in {auth_file})" in \
+        (server.logs / "server.log").read_text()
+    anonymous = live.api(server.url, "GET", "/api/health")
+    assert anonymous is True  # probes need no credentials
+    with pytest.raises(AssertionError, match="401"):
+        live.api(server.url, "GET", "/api/admin/version")
+    vacuum = server.api("GET", "/admin/settings")["server"]["services"]["db_vacuum"]
+    print("make ui's database vacuum:", vacuum)
+    assert set(vacuum["enabled"]) == {"events", "flow_runs"}
+    assert vacuum["retention_period"] in (90 * 86400, "P90D", 90 * 86400.0)
 
 
 def prefect(server: Server, *args: str, cwd: Path | None = None,
@@ -57,20 +81,17 @@ def prefect(server: Server, *args: str, cwd: Path | None = None,
     return result.returncode, " ".join((result.stdout + result.stderr).split())
 
 
-def make(target: str) -> list[str]:
-    """`make TARGET` from the project root, with this interpreter's environment in place of
-    .venv (which it does not try to build)."""
-    return ["make", "-C", str(REPO), "-o", ".venv/.installed", target,
-            f"BIN={Path(sys.executable).parent}"]
-
-
 @pytest.fixture(scope="module")
 def served(server) -> Iterator[dict[str, Any]]:
-    """`make serve` with PREFECT_API_URL naming this server (on a port other than `make ui`'s
-    4200): every deployment registered there and a runner polling for their runs."""
+    """`make serve` with no API configured, so it falls back to `make ui`'s server (on the
+    same UI_PORT, not 4200) once that proved to be this checkout's: every deployment
+    registered there and a runner polling for their runs."""
     timezone = zone_far_from_2am(dt.datetime.now(dt.UTC))
     log = server.logs / "serve.log"
-    with live.running(make("serve"), log, env={**server.env, "CIFAR10_SCHEDULE_TZ": timezone},
+    fallback_env = {k: v for k, v in server.env.items()
+                    if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+    with live.running(live.make("serve", f"UI_PORT={port_of(server)}"), log,
+                      env={**fallback_env, "CIFAR10_SCHEDULE_TZ": timezone},
                       cwd=server.logs) as process:
         nightly = live.wait_until(
             lambda: server.api("GET", "/deployments/name/cifar10-pipeline/nightly"),
@@ -80,7 +101,7 @@ def served(server) -> Iterator[dict[str, Any]]:
         yield {"deployment": nightly, "timezone": timezone, "process": process, "log": log}
 
 
-def test_make_serve_registers_every_deployment_on_the_users_server(server, served):
+def test_make_serve_registers_every_deployment_on_make_uis_server(server, served):
     assert server.api_url.rsplit(":", 1)[1] != "4200/api"
     assert f"Prefect API: {server.api_url}" in served["log"].read_text(errors="replace")
     reaper = server.api("GET", "/deployments/name/cifar10-endpoint-reaper/hourly")
@@ -157,8 +178,9 @@ def test_the_scheduler_plans_the_nightly_runs(server, served, triggered_run):
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(server, served):
-    """`make deploy` (the work-pool route) against the same server, named by PREFECT_API_URL."""
-    result = subprocess.run(make("deploy"), env={**server.env,
+    """`make deploy` (the work-pool route) against the same server, named as a user names
+    their own: PREFECT_API_URL and PREFECT_API_AUTH_STRING."""
+    result = subprocess.run(live.make("deploy"), env={**server.env,
                                                  "CIFAR10_SCHEDULE_TZ": served["timezone"]},
                             capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
@@ -196,27 +218,28 @@ def test_the_ui_shows_the_run_its_task_runs_and_artifacts(server, triggered_run,
     task_runs = [f"fit {job}", f"deploy {job}", f"smoke-predict {job}",
                  f"delete endpoint {job}", "preview 32 training images", "upload data to local",
                  "publish run summary", "download http://127.0.0.1:",
-                 "register model in cifar10-pipeline"]
+                 "register model in cifar10-pipeline", "apply retention on local"]
     with Browser(chromium, shots / "chromium-profile") as browser:
+        browser.log_in(server.url, server.auth_string)  # what `make ui` printed
         browser.open(f"{server.url}/runs/flow-run/{run_id}")
         browser.wait_for_text(run_name, "Completed", "cifar10-pipeline", "nightly",
-                              "9 Task runs", f"Beginning flow run '{run_name}'",
+                              f"{len(task_runs)} Task runs", f"Beginning flow run '{run_name}'",
                               f"training job {job} completed")  # the Logs tab
         time.sleep(2)  # the task graph is a canvas (no text to wait for): let it draw
         browser.screenshot(shots / "1-flow-run.png")
 
         browser.click("Task Runs")
-        browser.wait_for_text("(9 Completed)", *task_runs)
+        browser.wait_for_text(f"({len(task_runs)} Completed)", *task_runs)
         browser.screenshot(shots / "2-task-runs.png")
 
         browser.click("Artifacts")
         browser.wait_for_text(*sorted(ARTIFACT_KEYS), "Sample training images")
         browser.screenshot(shots / "3-artifacts.png")
 
-        browser.click("cifar10-preview")  # the artifact's page: the embedded PNG renders
+        browser.click("cifar10-preview")  # the artifact's page: the embedded JPEG renders
         browser.wait_for_text("Sample training images with their class names")
         live.wait_until(lambda: browser.evaluate(
-            "[...document.images].some(i => i.src.startsWith('data:image/png')"
+            "[...document.images].some(i => i.src.startsWith('data:image/jpeg')"
             " && i.complete && i.naturalWidth > 100)"), "the preview image renders", timeout=30)
         browser.screenshot(shots / "4-preview-artifact.png")
 

@@ -27,12 +27,14 @@ from backends.aws.session import AwsSession
 from backends.aws.training import AwsTrainingJobs
 from backends.base import (
     Backend,
+    Decide,
     EndpointInfo,
     EndpointSpec,
     Invocation,
     LogCallback,
     ModelVersion,
     ModelVersionSpec,
+    Registration,
     TrainingResult,
     TrainingSpec,
 )
@@ -106,8 +108,8 @@ class AwsBackend(Backend):
     def delete_endpoint(self, name: str) -> bool:
         return self.endpoints.delete(name)
 
-    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
-        return self.registry.register(spec, self.endpoints.image(spec.instance_type))
+    def register_model(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
+        return self.registry.register(spec, decide, self.endpoints.image(spec.instance_type))
 
     def list_model_versions(self, group: str) -> list[ModelVersion]:
         return self.registry.versions(group)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,17 @@ from backends.aws.config import AwsOptions
 from backends.aws.errors import aws_errors, unless_missing
 from backends.aws.s3 import s3_uri
 from backends.aws.session import AwsSession
-from backends.base import BackendError, ModelVersion, ModelVersionSpec
+from backends.base import (
+    BackendError,
+    Decide,
+    ModelVersion,
+    ModelVersionSpec,
+    Registration,
+    champion,
+)
 from model_src.cifar import JSON, NPY
+
+log = logging.getLogger(__name__)
 
 # CustomerMetadataProperties: keys of at most 128 characters, values of at most 256.
 MAX_VALUE = 256
@@ -48,22 +58,31 @@ class AwsRegistry:
                               self.sm.describe_model_package_group,
                               ModelPackageGroupName=group) is not None
 
-    def ensure_group(self, group: str, tags: dict[str, str]) -> None:
+    def ensure_group(self, group: str, tags: dict[str, str]) -> bool:
+        """Creates the group when missing; True when it existed already."""
         if self._group_exists(group):
-            return
+            return True
         with aws_errors(f"creating model package group {group}"):
             self.sm.create_model_package_group(
                 ModelPackageGroupName=group,
                 ModelPackageGroupDescription="CIFAR-10 models trained by cifar10-pipeline",
                 Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        return False
 
-    def register(self, spec: ModelVersionSpec, image: str) -> ModelVersion:
-        self.ensure_group(spec.group, spec.tags)
+    def register(self, spec: ModelVersionSpec, decide: Decide, image: str) -> Registration:
+        existed = self.ensure_group(spec.group, spec.tags)
         report = self._put_metrics(spec)
         metadata = {**{k: _fit(v) for k, v in spec.lineage.items()},
                     **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in spec.metrics.items()},
                     "training_job": spec.training_job, "cache_key": spec.cache_key,
                     "model_uri": _fit(spec.model_uri)}
+        # SageMaker Model Registry has no lock and no conditional create, so unlike the local
+        # registry the gate cannot decide under a lock: the champion is read as late as
+        # possible, right before CreateModelPackage. That narrows the window, but two runs
+        # registering within the same few seconds can still both be measured against the same
+        # champion (both approved, though the second is worse than the first).
+        before = champion(self._versions_of(spec.group)) if existed else None
+        status, reason = decide(before)
         with aws_errors(f"registering a version of model package group {spec.group}"):
             arn = self.sm.create_model_package(
                 ModelPackageGroupName=spec.group,
@@ -75,13 +94,13 @@ class AwsRegistry:
                     "SupportedRealtimeInferenceInstanceTypes": [spec.instance_type]},
                 ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": JSON,
                                                               "S3Uri": report}}},
-                ModelApprovalStatus=spec.status,
+                ModelApprovalStatus=status,
                 CustomerMetadataProperties=metadata)["ModelPackageArn"]
             # The decision's reason: CreateModelPackage has no field for it.
-            self.sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=spec.status,
-                                         ApprovalDescription=spec.reason[:1024],
+            self.sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=status,
+                                         ApprovalDescription=reason[:1024],
                                          CustomerMetadataProperties=metadata)
-        return self._version(arn)
+        return Registration(version=self._version(arn), champion_before=before)
 
     def _put_metrics(self, spec: ModelVersionSpec) -> str:
         """The model-quality report the version points at (the registry stores references)."""
@@ -94,14 +113,24 @@ class AwsRegistry:
         return s3_uri(self.bucket(), key)
 
     def versions(self, group: str) -> list[ModelVersion]:
-        if not self._group_exists(group):
-            return []
+        return self._versions_of(group) if self._group_exists(group) else []
+
+    def _versions_of(self, group: str) -> list[ModelVersion]:
+        """The versions of a group that exists."""
         with aws_errors(f"listing the versions of model package group {group}"):
             pages = self.sm.get_paginator("list_model_packages").paginate(
                 ModelPackageGroupName=group, ModelPackageType="Versioned")
             arns = [s["ModelPackageArn"] for page in pages
                     for s in page["ModelPackageSummaryList"]]
-        return sorted((self._version(arn) for arn in arns), key=lambda v: v.version)
+        versions = []
+        for arn in arns:
+            try:
+                versions.append(self._version(arn))
+            except (KeyError, TypeError, ValueError) as e:  # metadata not as we write it
+                log.warning("skipping model package %s: its metadata cannot be read (%s: %s); "
+                            "fix its customer metadata or delete the version", arn,
+                            type(e).__name__, e)
+        return sorted(versions, key=lambda v: v.version)
 
     def set_status(self, group: str, version: int, status: str, reason: str) -> ModelVersion:
         found = [v for v in self.versions(group) if v.version == version]

@@ -12,17 +12,20 @@ from typing import Any
 from backends.base import (
     Backend,
     BackendError,
+    Decide,
     EndpointInfo,
     EndpointSpec,
     LogCallback,
     ModelVersion,
     ModelVersionSpec,
+    Registration,
     TrainingResult,
     TrainingSpec,
 )
 from backends.local import launcher
 from backends.local.endpoints import LocalEndpoints
 from backends.local.registry import LocalRegistry
+from backends.local.retention import RetentionPolicy, apply_retention
 from backends.local.store import LocalStore, path_from_uri
 from backends.local.training import LocalTrainingJobs
 from backends.settings import SOURCE_DIR, state_dir
@@ -45,20 +48,27 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, root: Path | None = None, python: str = sys.executable,
-                 deploy_timeout_seconds: float = 120.0, concurrent_jobs: int = 1) -> None:
+                 deploy_timeout_seconds: float = 120.0, concurrent_jobs: int = 1,
+                 retention: RetentionPolicy | None = None) -> None:
         bypass_proxies_for_loopback()
         self.python = python
+        self.retention = retention or RetentionPolicy()
         self.root = Path(root) if root else state_dir()
         self.store = LocalStore(self.root / "store")
         self.jobs = LocalTrainingJobs(self.root / "jobs", self.store, SOURCE_DIR,
                                       TRAINING_PROGRAM, python=python,
-                                      concurrent_jobs=concurrent_jobs)
+                                      concurrent_jobs=concurrent_jobs,
+                                      retention=self.retention)
         self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
                                         deploy_timeout_seconds=deploy_timeout_seconds)
         self.registry = LocalRegistry(self.root / "registry")
 
     def prepare(self) -> None:
         launcher.prepare(self.python)
+
+    def apply_retention(self) -> list[str]:
+        return apply_retention(self.retention, self.jobs, self.endpoints, self.registry,
+                               self.store).lines()
 
     def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
         report = self.store.upload_dir(Path(local_dir), "data")
@@ -84,8 +94,8 @@ class LocalBackend(Backend):
     def delete_endpoint(self, name: str) -> bool:
         return self.endpoints.delete(name)
 
-    def register_model(self, spec: ModelVersionSpec) -> ModelVersion:
-        return self.registry.register(spec)
+    def register_model(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
+        return self.registry.register(spec, decide)
 
     def list_model_versions(self, group: str) -> list[ModelVersion]:
         return self.registry.versions(group)

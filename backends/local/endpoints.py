@@ -4,14 +4,18 @@ any process can list, describe or delete them.
 ``<endpoints>/<name>/`` holds ``record.json`` (name, pid, port, model URI, tags, created,
 status), ``server.log`` and the extracted ``model/``. The server process is started in a session
 of its own: like a real endpoint it outlives the task (and the flow) that deployed it, until it
-is deleted. Endpoints whose deployer died are found later by the reaper.
+is deleted. Endpoints whose deployer died are found later by the reaper. A record that cannot be
+read (empty after a power loss, garbled) is reported with a warning as an endpoint in an
+unknown state, which ``delete`` and the reaper can still remove.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,10 +23,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from backends.base import (
+    CREATED_KEY,
+    KEPT_KEY,
+    MANAGED_BY_KEY,
+    MANAGED_BY_VALUE,
     BackendError,
     EndpointExists,
     EndpointFailed,
@@ -30,7 +39,13 @@ from backends.base import (
     EndpointSpec,
     LogCallback,
 )
-from backends.files import atomic_write_text
+from backends.files import (
+    RECORD_ERRORS,
+    UnreadableRecord,
+    atomic_write_text,
+    read_json_record,
+    unreadable_message,
+)
 from backends.local import processes
 from backends.local.launcher import Launched, launch
 from backends.local.store import path_from_uri
@@ -41,7 +56,13 @@ from backends.polling import poll
 # model-server set-up: TorchServe, for one, runs single-threaded workers side by side).
 SERVER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+# The server's stdout and stderr until its own logging starts (see backends.local.server).
+RAW_OUTPUT_FILE = "server.out"
+
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint names
+UNKNOWN = "Unknown"  # the status of an endpoint whose record cannot be read
+
+log = logging.getLogger(__name__)
 
 
 class EndpointRecords:
@@ -56,16 +77,21 @@ class EndpointRecords:
                              f"at most 63 characters")
         return self.root / name
 
+    def record_path(self, name: str) -> Path:
+        return self.endpoint_dir(name) / "record.json"
+
     def read(self, name: str) -> dict[str, Any] | None:
+        """The record, None when there is none; ``UnreadableRecord`` when it is damaged."""
         try:
-            return json.loads((self.endpoint_dir(name) / "record.json").read_text())
+            return read_json_record(self.record_path(name))
         except FileNotFoundError:
             return None
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.parent.name for p in self.root.glob("*/record.json"))
+        return sorted(p.parent.name for p in self.root.glob("*/record.json")
+                      if NAME_PATTERN.match(p.parent.name))
 
     def create(self, record: dict[str, Any]) -> None:
         """Creates the endpoint's directory and record; fails if the name is taken."""
@@ -83,12 +109,25 @@ class EndpointRecords:
             raise FileNotFoundError(f"endpoint {record['name']} was deleted")
         atomic_write_text(directory / "record.json", json.dumps(record, indent=2))
 
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Holds the endpoint's lock: the deploying process and the server process both update
+        the record, and a read-modify-write by one must not undo the other's."""
+        try:
+            lock = open(self.endpoint_dir(name) / ".lock", "a")  # noqa: SIM115
+        except FileNotFoundError:
+            raise FileNotFoundError(f"endpoint {name} was deleted") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def update(self, name: str, **changes: Any) -> None:
-        record = self.read(name)
-        if record is None:
-            raise FileNotFoundError(f"endpoint {name} was deleted")
-        record.update(changes)
-        self.write(record)
+        with self.locked(name):
+            record = self.read(name)
+            if record is None:
+                raise FileNotFoundError(f"endpoint {name} was deleted")
+            record.update(changes)
+            self.write(record)
 
     def mark_in_service(self, name: str, host: str, port: int) -> None:
         self.update(name, status="InService", host=host, port=port,
@@ -120,7 +159,9 @@ class LocalEndpoints:
             "pid_start": None, "host": None, "port": None, "failure_reason": None,
         })
         directory = self.records.endpoint_dir(spec.name)
-        with open(directory / "server.log", "ab") as log:
+        # The server logs to server.log itself (rotated, rate-limited); this file takes only
+        # what it writes before its logging starts and fatal-error dumps, anew each start.
+        with open(directory / RAW_OUTPUT_FILE, "wb") as log:
             proc = launch(
                 [self.python, "-m", "backends.local.server", "--name", spec.name,
                  "--root", str(self.records.root)],
@@ -153,37 +194,80 @@ class LocalEndpoints:
                         name, f"not InService after {elapsed:.0f}s\n{self._log_tail(name)}"))
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = (self.records.endpoint_dir(name) / "server.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        """The last lines of the server's log, after any raw output (a crash before its
+        logging started). Only the files' ends are read: the log may be megabytes."""
+        directory = self.records.endpoint_dir(name)
+        tails = []
+        for file in (RAW_OUTPUT_FILE, "server.log"):
+            try:
+                with open(directory / file, "rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+                    text = f.read().decode(errors="replace")
+            except FileNotFoundError:
+                continue
+            tails.extend(text.splitlines()[-lines:])
+        return "\n".join(tails[-lines:])
 
     def describe(self, name: str) -> EndpointInfo | None:
-        record = self.records.read(name)
-        return self._info(record) if record else None
+        """The endpoint, None when there is none; status Unknown when its record is damaged."""
+        self.records.endpoint_dir(name)  # an invalid name is the caller's error, not damage
+        try:
+            record = self.records.read(name)
+            return self._info(record) if record else None
+        except RECORD_ERRORS as e:
+            return self._unreadable(name, e)
 
     def list(self) -> list[EndpointInfo]:
-        infos = []
-        for name in self.records.names():
-            record = self.records.read(name)
-            if record:
-                infos.append(self._info(record))
-        return infos
+        """Every endpoint; one whose record is damaged is listed as Unknown, with a warning,
+        so that one bad file neither stops the listing nor hides the endpoint from the reaper."""
+        return [info for name in self.records.names() if (info := self.describe(name))]
 
     def delete(self, name: str) -> bool:
         """Stops the server (freeing its port) and removes the record. Missing: False."""
-        record = self.records.read(name)
         directory = self.records.endpoint_dir(name)
+        try:
+            record = self.records.read(name)
+        except UnreadableRecord as e:
+            # Without the record there is no pid to stop: the directory is removed all the
+            # same, since an endpoint nobody can describe, invoke or stop is only debris. A
+            # record is damaged by a crash or power loss, which its server did not outlive.
+            log.warning("endpoint %s: %s; deleting its directory (a server it may still run "
+                        "is not stopped)", name, e)
+            record = {}
         if record is None:
             if directory.exists():  # a half-created endpoint
                 shutil.rmtree(directory, ignore_errors=True)
                 return True
             return False
         if record.get("pid"):
+            # Not under the lock: a server that records its own end while it stops would
+            # wait for it.
             processes.terminate_group(record["pid"], record.get("pid_start"), grace_seconds=10)
-        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError), self.records.locked(name):
+            shutil.rmtree(directory, ignore_errors=True)  # never under a half-done update
         return True
+
+    def _unreadable(self, name: str, error: BaseException) -> EndpointInfo | None:
+        """An endpoint whose record cannot be read: status Unknown, created when the record
+        was last written (so the reaper's TTL counts from the damage, giving its owner time to
+        see the warning), tagged as the pipeline's (this directory is the local backend's own),
+        and kept when the damaged text still shows the kept tag. None when it vanished."""
+        path = self.records.record_path(name)
+        try:
+            modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None  # deleted meanwhile
+        except OSError:
+            modified, raw = dt.datetime.now(dt.UTC), b""
+        message = unreadable_message(path, error)
+        log.warning("endpoint %s is in an unknown state: %s", name, message)
+        kept = re.search(rb'"%s"\s*:\s*"true"' % KEPT_KEY.encode(), raw) is not None
+        tags = {MANAGED_BY_KEY: MANAGED_BY_VALUE, CREATED_KEY: modified.isoformat(),
+                **({KEPT_KEY: "true"} if kept else {})}
+        return EndpointInfo(name=name, status=UNKNOWN, created=modified, tags=tags,
+                            extra={"unreadable": message, "record": str(path),
+                                   "log": str(self.records.endpoint_dir(name) / "server.log")})
 
     def _info(self, record: dict[str, Any]) -> EndpointInfo:
         status = record["status"]

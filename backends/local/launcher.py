@@ -20,7 +20,10 @@ exit status, so ``Launched`` answers as ``subprocess.Popen`` does.
 
 Linux only (fork after importing torch is not safe on macOS); elsewhere, for an interpreter
 other than this one, and for command lines other than a script or ``-m`` module, ``launch``
-starts a new process.
+starts a new process. So it does when a launcher does not answer within
+``LAUNCH_TIMEOUT_SECONDS`` (wedged: stopped, starved, deadlocked) or has gone: that launcher
+is killed and forgotten (the next launch starts a new one), a warning is logged, and the child
+starts as a plain subprocess with the same contract.
 
 Started by ``launch`` (``LAUNCHER_COMMAND``), never by hand.
 """
@@ -31,6 +34,7 @@ import contextlib
 import importlib
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -40,6 +44,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +71,14 @@ MESSAGE_LIMIT = 1 << 20
 # then run a second copy of it as __main__.
 LAUNCHER_COMMAND = ("import sys; from backends.local.launcher import main; "
                     "sys.exit(main(sys.argv[1:]))")
+# How long a launch waits for its launcher's answer (a fork takes milliseconds, but a new
+# launcher answers only once it has imported torch: seconds, more on a loaded machine).
+LAUNCH_TIMEOUT_SECONDS = float(os.environ.get("CIFAR10_LAUNCHER_TIMEOUT_SECONDS", "60"))
+log = logging.getLogger(__name__)
+
+
+class LauncherUnavailable(OSError):
+    """The launcher did not answer in time, or has gone: start the child another way."""
 
 
 class Launched(Protocol):
@@ -87,7 +100,16 @@ def launch(argv: list[str], *, env: Mapping[str, str], cwd: Path, output: int,
     env = dict(env)
     program = argv[1:2] == ["-m"] or (len(argv) > 1 and not argv[1].startswith("-"))
     if _warm(argv[0]) and program:
-        return _launcher_for(argv[0], env).launch(argv, env, cwd, output, die_with_parent)
+        try:
+            return _launcher_for(argv[0], env).launch(argv, env, cwd, output, die_with_parent)
+        except LauncherUnavailable as e:
+            log.warning("%s: starting %s as a plain process instead", e, " ".join(argv[1:3]))
+    return _plain(argv, env, cwd, output, die_with_parent)
+
+
+def _plain(argv: list[str], env: dict[str, str], cwd: Path, output: int,
+           die_with_parent: bool) -> Launched:
+    """``argv`` as a new process (no launcher), with ``launch``'s contract."""
     proc = subprocess.Popen(
         argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
         stderr=subprocess.STDOUT, start_new_session=True,
@@ -152,19 +174,25 @@ class _Launcher:
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
         self._children: dict[int, _Child] = {}
         self._exited: dict[int, int] = {}  # exits reported before their launch returned
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def launch(self, argv: list[str], env: dict[str, str], cwd: Path, output: int,
                die_with_parent: bool) -> Launched:
+        """Raises LauncherUnavailable when this launcher does not answer within
+        ``LAUNCH_TIMEOUT_SECONDS`` (it is then discarded) or has gone."""
         request = {"argv": argv[1:], "env": env, "cwd": str(cwd),
                    "die_with_parent": die_with_parent}
-        with self._requests:
-            try:
-                socket.send_fds(self.socket, [json.dumps(request).encode()], [output])
-            except OSError as e:
-                self.alive = False
-                raise OSError(f"the process launcher has gone: {e}") from e
-            reply = self._replies.get()
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_SECONDS
+        # Another launch stuck on a wedged launcher holds the lock: wait no longer than ours.
+        if not self._requests.acquire(timeout=LAUNCH_TIMEOUT_SECONDS):
+            raise LauncherUnavailable(f"the process launcher {self.process.pid} is busy")
+        try:
+            reply = self._exchange(request, output, deadline)
+        finally:
+            self._requests.release()
+        if reply.get("gone"):
+            raise LauncherUnavailable(f"the process launcher {self.process.pid} has gone")
         if "error" in reply:
             raise OSError(f"could not start {argv[1:]}: {reply['error']}")
         child = _Child(reply["pid"], self)
@@ -174,6 +202,41 @@ class _Launcher:
                 child.returncode = self._exited.pop(child.pid)
         return child
 
+    def _exchange(self, request: dict[str, Any], output: int,
+                  deadline: float) -> dict[str, Any]:
+        """Sends ``request`` (with the descriptor ``output``) and waits for its reply until
+        ``deadline``; called holding ``_requests``."""
+        if not self.alive:
+            raise LauncherUnavailable(f"the process launcher {self.process.pid} has gone")
+        try:
+            socket.send_fds(self.socket, [json.dumps(request).encode()], [output])
+        except OSError as e:
+            self.alive = False
+            raise LauncherUnavailable(f"the process launcher has gone: {e}") from e
+        try:
+            return self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self.discard()
+            raise LauncherUnavailable(
+                f"the process launcher {self.process.pid} did not answer within "
+                f"{LAUNCH_TIMEOUT_SECONDS:g} s (CIFAR10_LAUNCHER_TIMEOUT_SECONDS)") from None
+
+    def discard(self) -> None:
+        """Kills this launcher (SIGKILL ends a stopped process too), so that it never starts a
+        request late, and stops a child it forked before it wedged, whose pid never reached
+        us. Its other children carry on (``_Child.poll`` then asks /proc)."""
+        self.alive = False
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self._reader.join(timeout=5)  # the socket's end: every reply it sent is queued
+        while True:
+            try:
+                late = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            if "pid" in late:
+                processes.terminate_group(late["pid"], None, grace_seconds=5)
+
     def _read(self) -> None:
         while True:
             try:
@@ -182,7 +245,7 @@ class _Launcher:
                 message = b""
             if not message:  # the launcher is gone (killed): so are the children tied to it
                 self.alive = False  # the children's statuses are lost: poll() asks /proc
-                self._replies.put({"error": "the process launcher exited"})
+                self._replies.put({"error": "the process launcher exited", "gone": True})
                 return
             reply = json.loads(message)
             if "exited" not in reply:

@@ -4,21 +4,28 @@
 Layout of a job (``<jobs>/<job-name>/``)::
 
     job.json                 status record, readable from any process (DescribeTrainingJob)
-    training.log             every host's output, line by line
+    training.log             every host's output, line by line; rotated at a size limit
+                             (training.log.1, ...: ``retention.BoundedLog``)
     algo-1/                  one /opt/ml per host
         code/                copy of source_dir; the working directory
         input/config/        hyperparameters.json, resourceconfig.json, inputdataconfig.json
-        input/data/training/ the channel's files
+        input/data/training/ the channel's files: hard links to the store's (or copies)
         model/               SM_MODEL_DIR, packaged as model.tar.gz when the job completes
         output/data/         SM_OUTPUT_DATA_DIR (metrics.json)
         output/failure       the reason, when the script fails
     checkpoints/             the hosts' checkpoint directory (CIFAR10_CHECKPOINT_DIR)
+
+When the job ends, whatever the outcome, the channel, ``code/``, ``model/`` (now in the store's
+model.tar.gz) and ``checkpoints/`` go (``release_inputs``): a finished job keeps its record, its
+log, its hosts' ``input/config`` and ``output/``, a few kilobytes; retention removes old jobs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import logging
 import math
 import os
 import queue
@@ -41,13 +48,22 @@ from backends.base import (
     TrainingResult,
     TrainingSpec,
 )
-from backends.files import atomic_write_text
+from backends.files import RECORD_ERRORS, atomic_write_text
 from backends.local import processes
 from backends.local.launcher import Launched, launch
-from backends.local.store import LocalStore, path_from_uri
+from backends.local.retention import BoundedLog, RetentionPolicy, owned_temp_prefix
+from backends.local.store import MANIFEST, LocalStore, path_from_uri
 from model_src.cifar import METRICS_FILE, SOURCE_IGNORE
 
 FAILURE_REASON_LIMIT = 1024  # SageMaker truncates FailureReason to 1024 characters
+JOB_STATUSES = ("InProgress", "Completed", "Failed", "Stopped")
+# What a finished job no longer needs (per host, then per job): the channel, the code copy,
+# the model directory (packaged into the store) and the checkpoints (a local job never resumes
+# under its name: running a name that exists re-attaches to its outcome).
+HOST_INPUTS = ("input/data", "code", "model")
+JOB_INPUTS = ("checkpoints",)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +93,16 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def _record_from(data: dict[str, Any]) -> JobRecord:
+    """A JobRecord from job.json's object; TypeError or ValueError when it is not one (a
+    field missing or unknown, a field of the wrong kind)."""
+    record = JobRecord(**data)
+    if record.status not in JOB_STATUSES or not isinstance(record.runner, dict) \
+            or not isinstance(record.processes, list) or not isinstance(record.name, str):
+        raise ValueError("a field holds a value of the wrong kind")
+    return record
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (taskset, a container's cpuset), which
     can be fewer than the machine has, and no more than an OMP_NUM_THREADS the user set (the
@@ -102,10 +128,12 @@ def _gpu_count() -> int:
 class LocalTrainingJobs:
     def __init__(self, jobs_root: Path, store: LocalStore, source_dir: Path,
                  entry_point: str, python: str = sys.executable,
-                 concurrent_jobs: int = 1) -> None:
+                 concurrent_jobs: int = 1, retention: RetentionPolicy | None = None) -> None:
         """``concurrent_jobs``: how many jobs this process runs at once (a sweep); each
-        job's hosts share 1/``concurrent_jobs`` of the CPUs, so that none oversubscribes."""
+        job's hosts share 1/``concurrent_jobs`` of the CPUs, so that none oversubscribes.
+        ``retention``: its log limits bound each job's training.log."""
         self.concurrent_jobs = max(1, concurrent_jobs)
+        self.retention = retention or RetentionPolicy()
         self.jobs_root = Path(jobs_root)
         self.store = store
         self.source_dir = Path(source_dir)
@@ -121,11 +149,21 @@ class LocalTrainingJobs:
 
     def describe(self, name: str) -> JobRecord | None:
         """The job's record, from any process. An InProgress job whose runner process is gone
-        (killed, crashed) is reported as Failed: its hosts died with it."""
+        (killed, crashed) is reported as Failed: its hosts died with it.
+
+        An unreadable record (empty after a power loss, truncated, garbled, a field missing)
+        is skipped with a warning and counts as no job at all: a cache lookup finds no model
+        there, so the next run trains again under its own name."""
         path = self.job_dir(name) / "job.json"
         try:
-            record = JobRecord(**json.loads(path.read_text()))
+            record = _record_from(json.loads(path.read_text()))
         except FileNotFoundError:
+            return None
+        except RECORD_ERRORS as e:
+            log.warning("skipping training job record %s, which cannot be read (%s: %s): the "
+                        "job counts as absent, so its model is not reused and a run trains "
+                        "again under a new name. Delete %s to clear it (retention removes it "
+                        "once it is past the limits).", path, type(e).__name__, e, path.parent)
             return None
         runner = record.runner
         if record.status == "InProgress" and not processes.is_running(
@@ -170,11 +208,8 @@ class LocalTrainingJobs:
 
     def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
         """Runs the job to the end, or re-attaches to a finished job of the same name."""
-        existing = self.describe(spec.job_name)
+        existing = self._recorded(spec.job_name)
         if existing is not None:
-            if existing.status == "InProgress":
-                raise BackendError(f"training job {spec.job_name} is already running "
-                                   f"in another process")
             return self.result(existing)  # Completed → its result; Failed/Stopped → raises
         if spec.instance_count < 1:
             raise ValueError("instance_count must be >= 1")
@@ -193,15 +228,53 @@ class LocalTrainingJobs:
             runner={"pid": os.getpid(), "start": processes.start_time(os.getpid())},
         )
         self._save(record)
-        emit = on_log or (lambda line: None)
         hosts = [f"algo-{i + 1}" for i in range(spec.instance_count)]
-        master_port = processes.free_port()
-        for host in hosts:
-            self._materialise_host(job_dir / host, data_dir, hyperparameters, hosts, host, spec)
+        try:
+            for host in hosts:
+                self._materialise_host(job_dir / host, data_dir, hyperparameters, hosts, host,
+                                       spec)
+            status, reason = self._train(record, job_dir, hosts, spec,
+                                         on_log or (lambda line: None))
+            self._finish(record, job_dir, status, reason)
+        except BaseException as e:
+            if record.status == "InProgress":  # setting up or packaging broke (no space?)
+                reason = f"{type(e).__name__} while {record.secondary_status.lower()}: {e}"
+                record.status = record.secondary_status = "Failed"
+                record.failure_reason = reason[:FAILURE_REASON_LIMIT]
+                record.ended = _now()
+                self._save(record)
+            raise
+        finally:
+            # Whatever the outcome: the channel's links or copies, the code, the model
+            # directory and the checkpoints are no use once the hosts have exited.
+            self.release_inputs(spec.job_name)
+        return self.result(record)
 
+    def _recorded(self, name: str) -> JobRecord | None:
+        """The finished job recorded under ``name`` (to re-attach to), None when there is no
+        job of that name. Raises when it is running, or when its directory exists without a
+        readable record: that record held the runner's pid, so nothing tells whether a process
+        still runs the job there, and starting another in the same directory could mix them."""
+        existing = self.describe(name)
+        if existing is not None and existing.status == "InProgress":
+            raise BackendError(f"training job {name} is already running in another process")
+        if existing is None and self.job_dir(name).exists():
+            raise BackendError(
+                f"training job {name} cannot run: its directory {self.job_dir(name)} exists "
+                f"but holds no readable job.json (a crash while it was written?). Delete that "
+                f"directory to run this name again, or run under another name (a pipeline run "
+                f"names its jobs after itself, so the next run is not affected)")
+        return existing
+
+    def _train(self, record: JobRecord, job_dir: Path, hosts: list[str], spec: TrainingSpec,
+               emit: LogCallback) -> tuple[str, str | None]:
+        """Starts the hosts and waits for them: (status, failure reason). Interrupted or
+        cancelled, it stops them, records the job Stopped and raises."""
+        hyperparameters = record.hyperparameters
         lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         procs: dict[str, Launched] = {}
-        log_file = open(job_dir / "training.log", "a", buffering=1)  # noqa: SIM115
+        log_file = BoundedLog(job_dir / "training.log", self.retention.log_max_bytes,
+                              self.retention.log_backups)
         started = time.monotonic()
         try:
             record.started, record.secondary_status = _now(), "Training"
@@ -212,7 +285,7 @@ class LocalTrainingJobs:
                         [self.python, self.entry_point, *self._cli_args(hyperparameters)],
                         cwd=job_dir / host / "code",
                         env=self._environment(job_dir / host, hyperparameters, hosts, host,
-                                              master_port, spec),
+                                              spec),
                         output=output_end, die_with_parent=True)
                 finally:
                     os.close(output_end)  # the host holds it: EOF once the host exits
@@ -233,21 +306,37 @@ class LocalTrainingJobs:
             raise
         finally:
             log_file.close()
+        record.billable_seconds = math.ceil(time.monotonic() - started) * spec.instance_count
+        return status, reason
 
-        elapsed = time.monotonic() - started
-        record.billable_seconds = math.ceil(elapsed) * spec.instance_count
-        stopped = self.describe(spec.job_name)
+    def _finish(self, record: JobRecord, job_dir: Path, status: str,
+                reason: str | None) -> None:
+        """Records the outcome; a completed job's model goes to the store first."""
+        stopped = self.describe(record.name)
         if stopped is not None and stopped.status == "Stopped":  # stop() ended its hosts
             status, reason = "Stopped", stopped.failure_reason
         record.ended = _now()
         if status == "Completed":
             record.secondary_status = "Uploading"
             self._save(record)
-            record.model_uri = self._package_model(job_dir / "algo-1" / "model", spec.job_name)
+            record.model_uri = self._package_model(job_dir / "algo-1" / "model", record.name)
         record.status = record.secondary_status = status
         record.failure_reason = reason
         self._save(record)
-        return self.result(record)
+
+    def release_inputs(self, name: str) -> bool:
+        """Removes what an ended job no longer needs (``HOST_INPUTS``, ``JOB_INPUTS``): the
+        channel's hard links (the store's files stay) or copies among them. True when there
+        was something to remove. Also used by retention, for a job whose runner was killed."""
+        job_dir = self.job_dir(name)
+        leftovers = [job_dir / sub for sub in JOB_INPUTS]
+        leftovers += [host / sub for host in job_dir.glob("algo-*") for sub in HOST_INPUTS]
+        found = False
+        for path in leftovers:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                found = True
+        return found
 
     def _wait(self, job_dir: Path, procs: dict[str, Launched], lines: queue.Queue,
               started: float, spec: TrainingSpec, log_file,
@@ -300,15 +389,14 @@ class LocalTrainingJobs:
             {TRAINING_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType":
                                 "FullyReplicated", "RecordWrapperType": "None"}}, indent=2))
         # File mode: SageMaker copies the channel onto each instance before the script starts.
-        shutil.copytree(data_dir, root / "input" / "data" / TRAINING_CHANNEL,
-                        ignore=shutil.ignore_patterns(".manifest.json"))
+        _link_channel(data_dir, root / "input" / "data" / TRAINING_CHANNEL)
         shutil.copytree(self.source_dir, root / "code",
                         ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
         for sub in ("model", "output/data"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def _environment(self, root: Path, hyperparameters: dict[str, str], hosts: list[str],
-                     host: str, master_port: int, spec: TrainingSpec) -> dict[str, str]:
+                     host: str, spec: TrainingSpec) -> dict[str, str]:
         cpus = max(1, usable_cpus() // self.concurrent_jobs // len(hosts))
         gpus = _gpu_count()
         env = dict(os.environ)
@@ -342,9 +430,10 @@ class LocalTrainingJobs:
             "SM_HPS": json.dumps(hyperparameters),
             "SM_USER_ENTRY_POINT": self.entry_point,
             "SM_NETWORK_INTERFACE_NAME": "lo",
-            # Every local host is a process on this machine: rendezvous on loopback.
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port),
+            # Every local host is a process on this machine: they rendezvous through a file
+            # in the job's directory (torch's FileStore), so no TCP store listens and no port
+            # is raced for; gloo's own connections bind GLOO_SOCKET_IFNAME's address.
+            "CIFAR10_RENDEZVOUS_FILE": str(root.parent / "rendezvous"),
             "GLOO_SOCKET_IFNAME": "lo" if sys.platform.startswith("linux") else "lo0",
             "OMP_NUM_THREADS": str(cpus),
             # One checkpoint directory for all hosts (SageMaker syncs each instance's
@@ -364,13 +453,52 @@ class LocalTrainingJobs:
         return args
 
     def _package_model(self, model_dir: Path, job_name: str) -> str:
-        """model/ → model.tar.gz in the store, where SageMaker would put it."""
-        with tempfile.TemporaryDirectory() as tmp:
+        """model/ → model.tar.gz in the store, where SageMaker would put it. Packed in a
+        temporary directory beside the jobs (not /tmp: a kill leaves it where retention looks,
+        named after this process so that it is cleared once that process is gone)."""
+        with tempfile.TemporaryDirectory(dir=self.jobs_root,
+                                         prefix=owned_temp_prefix("package")) as tmp:
             archive = Path(tmp) / "model.tar.gz"
             with tarfile.open(archive, "w:gz") as tar:
                 for item in sorted(model_dir.iterdir()):
                     tar.add(item, arcname=item.name)
             return self.store.put_file(archive, f"training-jobs/{job_name}/output/model.tar.gz")
+
+
+def _link_channel(data_dir: Path, dest: Path) -> None:
+    """Gives a host the channel's files as hard links to the store's: no copy of 178 MB per
+    host and job, and a snapshot (the store replaces a file by renaming a new one over it, so
+    a link keeps the version the job started with). Where linking fails (another filesystem:
+    EXDEV; one without hard links; a link count limit) the files are copied; either way they
+    go when the job ends.
+
+    A link shares the store's inode: a script that wrote into its channel would change the
+    store's file under a manifest that still vouches for it. The entry script only reads its
+    channel; to turn a stray write into an error rather than a corrupt store, the linked files
+    are made read-only, which costs the store nothing (it never writes a file in place; a
+    rename needs only its directory writable). Root ignores file modes: that guard is for
+    accidents, the script is trusted code."""
+    linking = True
+    for src in sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        target = dest / src.relative_to(data_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if linking:
+            try:
+                _make_read_only(src)
+                os.link(src, target)
+                continue
+            except OSError as e:
+                linking = False  # the same for every file of the channel: copy the rest
+                log.info("cannot hard-link the training channel into %s (%s): copying it; "
+                         "the copy is deleted when the job ends", dest,
+                         errno.errorcode.get(e.errno or 0, e))
+        shutil.copyfile(src, target)
+
+
+def _make_read_only(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & 0o222:
+        os.chmod(path, mode & ~0o222)
 
 
 def _failure_reason(job_dir: Path, host: str, returncode: int | None) -> str:

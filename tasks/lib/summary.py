@@ -64,12 +64,23 @@ class TrainingSummary(BaseModel):
                    cached_from=result.cached_from)
 
 
+REUSED_NOTE = ", already registered: not registered again"
+
+
 class RegistrySummary(BaseModel):
     group: str
     version: int
     status: str  # Approved | Rejected | PendingManualApproval
     reason: str
     champion_before: int | None  # the approved version this one was measured against
+    # A cached model that was already registered: ``version`` is the existing one, and nothing
+    # was registered (nor decided) by this run.
+    reused: bool = False
+
+    def line(self) -> str:
+        """The registration in one line, for the CLI and the summary artifact."""
+        again = REUSED_NOTE if self.reused else ""
+        return f"{self.group} v{self.version}: {self.status} ({self.reason}){again}"
 
 
 class EndpointSummary(BaseModel):
@@ -114,8 +125,7 @@ class RunSummary(BaseModel):
             f"({'kept at ' + str(endpoint.url) if endpoint.kept else 'deleted'})",
             *([f"  training        cached from job {self.training.cached_from}"]
               if self.training.cached_from else []),
-            *([f"  registry        {self.registry.group} v{self.registry.version}: "
-               f"{self.registry.status} ({self.registry.reason})"] if self.registry else []),
+            *([f"  registry        {self.registry.line()}"] if self.registry else []),
             f"  billable        {self.training.billable_seconds} training seconds, "
             f"estimated ${self.cost.usd:.4f}",
             "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items()),
@@ -147,10 +157,10 @@ class RunSummary(BaseModel):
             ("estimated cost", f"${cost.usd:.4f} ({cost.note})"),
         ]
         if self.registry:
-            rows.append(("model registry", f"`{self.registry.group}` "
-                                           f"v{self.registry.version}: "
-                                           f"**{self.registry.status}** "
-                                           f"({self.registry.reason})"))
+            registry = self.registry
+            again = REUSED_NOTE if registry.reused else ""
+            rows.append(("model registry", f"`{registry.group}` v{registry.version}: "
+                                           f"**{registry.status}** ({registry.reason}){again}"))
         table = "\n".join(f"| {label} | {value} |" for label, value in rows)
         stages = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in self.stages.items())
         return (f"## CIFAR-10 pipeline run on `{self.backend}`\n\n| what | value |\n|---|---|\n"
@@ -228,6 +238,7 @@ class SweepSummary(BaseModel):
                  "billable_seconds": p.training.billable_seconds if p.training else 0,
                  "status": p.status + (" (winner)" if p.winner else ""),
                  "job": p.job_name, "registry": (f"v{p.registry.version} {p.registry.status}"
+                                                 + (" (existing)" if p.registry.reused else "")
                                                  if p.registry else ""),
                  "error": p.error or ""} for p in self.points]
 

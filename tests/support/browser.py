@@ -142,6 +142,22 @@ class Browser:
         if not clicked:
             raise AssertionError(f"nothing to click labelled {label!r}:\n{self.text()[:2000]}")
 
+    def log_in(self, server_url: str, auth_string: str, timeout: float = 45) -> None:
+        """Logs in to the Prefect UI as a user does: opens the server's address (`make ui`
+        prints it), which sends a browser without credentials to the login page, types the
+        auth string and presses Login. The UI keeps it in localStorage (``prefect-password``)
+        for every page of that origin."""
+        self.open(server_url)
+        live.wait_until(lambda: self.evaluate(
+            "!!document.querySelector('input[type=password]')"), "the login page",
+            timeout=timeout)
+        self.evaluate("document.querySelector('input[type=password]').focus()")
+        self._call("Input.insertText", text=auth_string)  # real input events for the UI
+        self.click("Login")
+        live.wait_until(lambda: not self.evaluate(
+            "!!document.querySelector('input[type=password]')"), "the UI after logging in",
+            timeout=timeout)
+
     def screenshot(self, path: Path) -> Path:
         data = self._call("Page.captureScreenshot", format="png")["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ so nothing they spawned (flow-run subprocesses, endpoint servers, renderers) out
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import fcntl
@@ -115,12 +116,20 @@ def _loopback_client() -> httpx.Client:
         limits=httpx.Limits(max_keepalive_connections=0)))
 
 
-def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
+def basic_auth(auth_string: str | None) -> dict[str, str]:
+    """The header a Prefect client sends for ``PREFECT_API_AUTH_STRING`` (none without one)."""
+    if auth_string is None:
+        return {}
+    return {"Authorization": f"Basic {base64.b64encode(auth_string.encode()).decode()}"}
+
+
+def api(base: str, method: str, path: str, body: Any = None, timeout: float = 10,
+        auth_string: str | None = None) -> Any:
     """One call to the Prefect REST API (retried as ``RetryingTransport`` does); None for a
     404 or when nothing answers yet."""
     try:
         response = _loopback_client().request(method, f"{base}{path}", json=body,
-                                              timeout=timeout)
+                                              timeout=timeout, headers=basic_auth(auth_string))
     except httpx.TransportError:
         return None
     if response.status_code == 404:
@@ -144,13 +153,14 @@ class Server:
     url: str            # http://127.0.0.1:<port>; the UI is served at its root
     env: dict[str, str]  # the environment of a client of this server (CLI, serve)
     logs: Path
+    auth_string: str | None = None  # what the server requires (`make ui`'s: its auth file)
 
     @property
     def api_url(self) -> str:
         return f"{self.url}/api"
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        return api(self.url, method, f"/api{path}", body)
+        return api(self.url, method, f"/api{path}", body, auth_string=self.auth_string)
 
 
 def migrated_database(directory: Path) -> Path:
@@ -240,6 +250,43 @@ def prefect_server(base: Path, database: Path | None = None) -> Iterator[Server]
         wait_until(lambda: api(url, "GET", "/api/health") is True,
                    "prefect server start", timeout=120, process=process, log=log)
         yield Server(url=url, env=client_env, logs=base)
+
+
+def make(target: str, *variables: str) -> list[str]:
+    """`make TARGET VAR=value...` from the project root, with this interpreter's environment
+    in place of .venv (which it does not try to build)."""
+    return ["make", "-C", str(REPO), "-o", ".venv/.installed", target,
+            f"BIN={Path(sys.executable).parent}", *variables]
+
+
+def without_prefect_settings(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+
+
+@contextlib.contextmanager
+def make_ui(base: Path, database: Path | None = None,
+            settings: Mapping[str, str] | None = None) -> Iterator[Server]:
+    """`make ui` on a free port (UI_PORT) over a PREFECT_HOME and a pipeline state directory
+    under ``base``: the server a user starts, auth string and database vacuum included. The
+    server's ``env`` names it the way a user names their own server (PREFECT_API_URL and
+    PREFECT_API_AUTH_STRING); without those two, `make serve UI_PORT=...` finds it as the
+    trusted fallback. ``settings``: more PREFECT_ settings for the server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = without_prefect_settings(os.environ)
+    env.update(PREFECT_HOME=str(base / "prefect-home"), PYTHONPATH=pythonpath_with_repo(),
+               CIFAR10_PIPELINE_HOME=str(base / "pipeline-home"), COLUMNS="240")
+    if database is not None:
+        seed_database(database, base / "prefect-home" / "prefect.db")
+    log = base / "server.log"
+    with running(make("ui", f"UI_PORT={port}"), log, env={**env, **(settings or {})},
+                 cwd=base) as process:
+        wait_until(lambda: api(url, "GET", "/api/health") is True,
+                   "make ui", timeout=120, process=process, log=log)
+        secret = (base / "pipeline-home" / "prefect-auth").read_text().strip()
+        client_env = {**env, "PREFECT_API_URL": f"{url}/api", "PREFECT_API_AUTH_STRING": secret,
+                      "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+        yield Server(url=url, env=client_env, logs=base, auth_string=secret)
 
 
 def zone_far_from_2am(now: dt.datetime) -> str:
