@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ VARIANT = "AllTraffic"
 
 LogCallback = Callable[[str], None]
 
+log = logging.getLogger(__name__)  # backends never import Prefect: tasks pass on_log instead
+
 
 class BackendError(RuntimeError):
     """Something the backend was asked to do failed; the message says what and why."""
@@ -43,6 +46,16 @@ class TrainingJobFailed(BackendError):
     def __init__(self, job_name: str, status: str, reason: str) -> None:
         super().__init__(f"training job {job_name} {status.lower()}: {reason}")
         self.job_name, self.status, self.reason = job_name, status, reason
+
+
+class QuotaExceeded(BackendError):
+    """The AWS account's quota refused a resource, for longer than the backend waits for room
+    (or for good: the request alone is over it). The message says which quota and how to
+    raise it."""
+
+    def __init__(self, message: str, waited_seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.waited_seconds = waited_seconds
 
 
 class EndpointFailed(BackendError):
@@ -105,6 +118,7 @@ class TrainingResult:
     billable_seconds: int
     log_location: str  # a file path (local) or a CloudWatch log stream (aws)
     cached_from: str | None = None  # the earlier job whose model this is (no training ran)
+    quota_wait_seconds: float = 0.0  # waited for the account's quota to let the job start
 
 
 # A model version's approval status, SageMaker Model Registry's words.
@@ -280,15 +294,33 @@ class Backend(abc.ABC):
                          reason: str) -> ModelVersion:
         """Approves or rejects a version by hand (``BackendError`` when there is none)."""
 
-    def cached_training(self, group: str, cache_key: str) -> TrainingResult | None:
+    def cached_training(self, group: str, cache_key: str,
+                        on_log: LogCallback | None = None) -> TrainingResult | None:
         """The newest completed training of this pipeline with ``cache_key`` whose model
-        artifact still exists, found through the registry's versions; None when there is none."""
+        artifact this backend can still reuse, found through the registry's versions; None
+        when there is none (the run trains). A candidate passed over for its artifact is
+        reported to ``on_log`` (else this module's logger) with the reason: a lookup never
+        fails a run that training would let succeed."""
+        report = on_log or log.info
         for version in sorted(self.list_model_versions(group), key=lambda v: -v.version):
-            if version.cache_key == cache_key and self.artifact_exists(version.model_uri):
-                result = self.training_result(version.training_job)
-                if result is not None and result.model_uri == version.model_uri:
-                    return result
+            if version.cache_key != cache_key:
+                continue
+            if refusal := self.why_not_reusable(version.model_uri):
+                report(f"cache: {group} v{version.version} (job {version.training_job}) has "
+                       f"this cache key, but its model {version.model_uri} is not reusable: "
+                       f"{refusal}; passed over")
+                continue
+            result = self.training_result(version.training_job)
+            if result is not None and result.model_uri == version.model_uri:
+                return result
         return None
+
+    def why_not_reusable(self, uri: str) -> str | None:
+        """Why this backend cannot reuse the model artifact at ``uri`` (None: it can): outside
+        the store this backend writes to, missing, or unreadable. The registry may be shared
+        more widely than the store (SageMaker's is per account), so a version can point at
+        an artifact that is someone else's."""
+        return None if self.artifact_exists(uri) else "it does not exist"
 
     @abc.abstractmethod
     def artifact_exists(self, uri: str) -> bool:

@@ -37,6 +37,9 @@ notify_app = typer.Typer(help="Tell someone when a run fails: a Prefect automati
 app.add_typer(notify_app, name="notify")
 
 Backend = Annotated[str, typer.Option("--backend", help="local or aws")]
+CredentialsBlock = Annotated[str | None, typer.Option(
+    metavar="NAME", help="Prefect AwsCredentials block to take AWS credentials, assumed role and "
+                         "region from (aws; default: boto3's chain)")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -95,6 +98,7 @@ def run(
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
     role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
     bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    aws_credentials_block: CredentialsBlock = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the run summary as one JSON "
                                                          "object on stdout")] = False,
 ) -> None:
@@ -108,6 +112,8 @@ def run(
     cifar10-pipeline run --model airbench --instance-count 2 --json > summary.json
 
     cifar10-pipeline run --backend aws --region us-east-1 --role-arn ARN --bucket NAME
+
+    cifar10-pipeline run --backend aws --aws-credentials-block my-aws --role-arn ARN
     """
     with _invalid_options():
         config = _config(locals())
@@ -195,6 +201,7 @@ def sweep(
     region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
     role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
     bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    aws_credentials_block: CredentialsBlock = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the sweep summary as one "
                                                          "JSON object on stdout")] = False,
 ) -> None:
@@ -243,6 +250,8 @@ def _config(options: dict[str, Any]) -> PipelineConfig:
     if options["endpoint_instance_type"]:
         endpoint["instance_type"] = options["endpoint_instance_type"]
     aws = {k: options[k] for k in ("region", "role_arn", "bucket") if options[k]}
+    if options["aws_credentials_block"]:
+        aws["credentials_block"] = options["aws_credentials_block"]
     return PipelineConfig.model_validate({
         "backend": options["backend"], "data": data, "training": training,
         "endpoint": endpoint, "aws": aws,

@@ -105,6 +105,12 @@ class AwsSettings(_Section):
     max_wait_minutes: int | None = Field(None, ge=1, le=5 * 24 * 60,
                                          description="spot only: runtime plus time waiting "
                                                      "for capacity; default twice the runtime")
+    credentials_block: str | None = Field(
+        None, pattern=r"^(?:[a-z0-9-]+/)?[a-z0-9-]+$",
+        description="name of a Prefect AwsCredentials block (prefect-aws) to take credentials, "
+                    "assumed role and region from; default: boto3's chain (environment, "
+                    "profile, instance role). aws.region, when set, still wins over the "
+                    "block's region")
 
 
 class RetentionSettings(_Section):
@@ -226,12 +232,22 @@ class SweepConfig(_Section):
 
 def get_backend(config: PipelineConfig, concurrent_jobs: int = 1) -> Backend:
     """The backend the config names, built with its settings (cheap and offline: an AWS
-    backend resolves credentials, region and role on first use). With ``concurrent_jobs``
-    training jobs at once, each local job takes its share of this machine's CPUs."""
+    backend resolves credentials, region and role on first use; only a named credentials
+    block is read now, from the Prefect API, so that a missing one fails at once). With
+    ``concurrent_jobs`` training jobs at once, each local job takes its share of this
+    machine's CPUs."""
     if config.backend == "aws":
         from backends.aws import AwsBackend
 
-        return AwsBackend(**config.aws.model_dump())
+        settings = config.aws.model_dump(exclude={"credentials_block"})
+        if config.aws.credentials_block is None:
+            return AwsBackend(**settings)  # boto3's default credential chain
+        from flows.aws_credentials import block_session_factory
+
+        # Loaded here, in flows/ (backends never import Prefect), by every process that
+        # rebuilds the backend from the config: the run, its teardown hooks, the reaper.
+        return AwsBackend(**settings,
+                          session_factory=block_session_factory(config.aws.credentials_block))
     from backends.local import LocalBackend
     from backends.local.retention import RetentionPolicy
 

@@ -34,7 +34,8 @@ def reap_endpoints_flow(
         backend: where the endpoints live: local (this machine) or aws
         older_than_minutes: delete endpoints older than this
         dry_run: only report what would be deleted
-        aws: region, role and bucket for the aws backend
+        aws: region, role, bucket and credentials block (a Prefect AwsCredentials
+            block's name) for the aws backend
     """
     target = get_backend(PipelineConfig(backend=backend, aws=aws))
     report = reap_endpoints(target, dt.timedelta(minutes=older_than_minutes), dry_run=dry_run)

@@ -15,16 +15,17 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from prefect import Flow, State, flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as current_flow_run
 
-from backends.base import Backend, TrainingResult, managed_tags
+from backends.base import Backend, QuotaExceeded, TrainingResult, TrainingSpec, managed_tags
 from backends.local.training import usable_cpus
 from backends.settings import SOURCE_DIR
-from flows.config import SweepConfig, data_root, get_backend
+from flows.config import AWS_DEFAULT_PARALLEL_JOBS, SweepConfig, data_root, get_backend
 from flows.pipeline import (
     host_and_smoke_test,
     lineage_of,
@@ -41,12 +42,17 @@ from tasks.lib.summary import (
     SweepSummary,
     TrainingSummary,
     estimate_cost,
+    quota_note,
 )
 from tasks.registry import register_model
 from tasks.reporting import logger
 from tasks.retention import apply_retention
 from tasks.sweep import publish_sweep
 from tasks.training import fit, upload_data
+
+# SageMaker's quotas for training instances start low on new accounts (0 for most GPU types, a
+# few for CPU types): past this many instances at once, a sweep says the quota may be its limit.
+FEW_TRAINING_INSTANCES = AWS_DEFAULT_PARALLEL_JOBS
 
 
 class SweepFailed(RuntimeError):
@@ -86,6 +92,62 @@ def point_job_name(run_id: str, index: int) -> str:
     return f"{resource_name(run_id)}-p{index}"
 
 
+def quota_warning(config: SweepConfig, parallel: int) -> str | None:
+    """A warning when a sweep on AWS asks for more training instances at once than new
+    accounts' quotas usually allow; None otherwise."""
+    training = config.base.training
+    instances = parallel * training.instance_count
+    if config.base.backend != "aws" or instances <= FEW_TRAINING_INSTANCES:
+        return None
+    return (f"this sweep runs up to {instances} {training.instance_type} training instances "
+            f"at once ({parallel} jobs x {training.instance_count}); the AWS account's "
+            f"SageMaker quota '{training.instance_type} for training job usage' is often lower "
+            f"on new accounts (0 for most GPU types): check it in Service Quotas. Points it "
+            f"refuses wait for room (aws quota_wait_seconds), then fail")
+
+
+def sweep_point(index: int, future: PrefectFuture, spec: TrainingSpec, values: dict[str, Any],
+                started: dt.datetime) -> tuple[SweepPoint, TrainingResult | None]:
+    """A finished point's row, and its training when it completed."""
+    state = future.state
+    ended = state.timestamp or dt.datetime.now(dt.UTC)
+    point = SweepPoint(index=index, values=values, hyperparameters=spec.hyperparameters,
+                       job_name=spec.job_name, status="Failed", started=started.isoformat(),
+                       ended=ended.isoformat(), seconds=round((ended - started).total_seconds(), 1))
+    if state.is_completed():
+        result = future.result()
+        point.status = "Cached" if result.cached_from else "Completed"
+        point.job_name = spec.job_name if result.cached_from else result.job_name  # -rN
+        point.test_accuracy = float(result.metrics.get("test_accuracy", 0.0))
+        point.training = TrainingSummary.of(result, spec)
+        point.quota_wait_seconds = result.quota_wait_seconds
+        return point, result
+    error = future.result(raise_on_failure=False)
+    point.error = (f"{type(error).__name__}: {error}" if isinstance(error, BaseException)
+                   else state.message or state.name)
+    point.job_name = getattr(error, "job_name", None) or spec.job_name
+    if isinstance(error, QuotaExceeded):
+        point.quota_refused, point.quota_wait_seconds = True, error.waited_seconds
+    logger().warning("point %d (%s) failed: %s", index, point.label(), point.error)
+    return point, None
+
+
+def collect_points(futures: list[PrefectFuture], jobs: list[tuple[TrainingSpec, str]],
+                   points: list[Any], swept: dict[str, list[Any]],
+                   submitted: dict[int, dt.datetime]
+                   ) -> tuple[list[SweepPoint], dict[int, TrainingResult]]:
+    """Every point's row, in grid order, and the trainings that completed, by index."""
+    results: list[SweepPoint] = []
+    trained: dict[int, TrainingResult] = {}
+    for i, future in enumerate(futures):
+        values = {name: getattr(points[i], name) for name in swept}
+        point, result = sweep_point(i + 1, future, jobs[i][0], values, submitted[i])
+        results.append(point)
+        if result is not None:
+            trained[i] = result
+    return results, trained
+
+
 def run_bounded(submit: Callable[[int], PrefectFuture], count: int,
                 limit: int) -> list[PrefectFuture]:
     """Submits ``submit(0..count-1)`` with at most ``limit`` unfinished at any time; returns
@@ -122,6 +184,8 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     swept = config.grid.swept()
     log.info("sweep of %d points over %s, at most %d training jobs at once", len(points),
              ", ".join(swept) or "nothing (the base config)", parallel)
+    if warning := quota_warning(config, parallel):
+        log.warning(warning)
 
     with stage(timings, "download"):
         dataset = download_data(base.data.url, base.data.md5, data_root(),
@@ -150,30 +214,11 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
             stop_trainings(backend, [spec.job_name for spec, _ in jobs])
             raise
 
-    results: list[SweepPoint] = []
-    trained: dict[int, TrainingResult] = {}
-    for i, future in enumerate(futures):
-        spec, _ = jobs[i]
-        values = {name: getattr(points[i], name) for name in swept}
-        state = future.state
-        started, ended = submitted[i], state.timestamp or dt.datetime.now(dt.UTC)
-        point = SweepPoint(index=i + 1, values=values, hyperparameters=spec.hyperparameters,
-                           job_name=spec.job_name, status="Failed",
-                           started=started.isoformat(), ended=ended.isoformat(),
-                           seconds=round((ended - started).total_seconds(), 1))
-        if state.is_completed():
-            result = future.result()
-            trained[i] = result
-            point.status = "Cached" if result.cached_from else "Completed"
-            point.test_accuracy = float(result.metrics.get("test_accuracy", 0.0))
-            point.training = TrainingSummary.of(result, spec)
-        else:
-            error = future.result(raise_on_failure=False)
-            point.error = (f"{type(error).__name__}: {error}" if isinstance(error, BaseException)
-                           else state.message or state.name)
-            log.warning("point %d (%s) failed: %s", i + 1, point.label(), point.error)
-        results.append(point)
-
+    results, trained = collect_points(futures, jobs, points, swept, submitted)
+    # A point marked Failed leaves no job running: the backend stops a job it gives up on,
+    # and this asks again in case that stop failed too (AWS unreachable at that moment).
+    stop_trainings(backend, [jobs[i][0].job_name for i, p in enumerate(results)
+                             if p.status == "Failed"])
     if not trained:
         raise SweepFailed(f"all {len(points)} points failed; the first: {results[0].error}")
     best = max(trained, key=lambda i: (results[i].test_accuracy or 0.0, -i))
@@ -204,6 +249,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
         flow_run_id=run_id, backend=backend.name, max_parallel=parallel, stages=timings,
         data=DataSummary.of(dataset, data_uri),
         points=results, smoke_test=hosted.smoke, endpoint=endpoint,
+        quota_note=quota_note(results, base.training.instance_type),
         cost=estimate_cost(backend.name, [p.training for p in results if p.training],
                            endpoint))
     publish_sweep(summary)

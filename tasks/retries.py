@@ -1,5 +1,10 @@
 """When a task's retry helps: transient faults (network, throttling, a server restarting), not
-mistakes that fail the same way every time (missing settings or permissions, bad input)."""
+mistakes that fail the same way every time (missing settings or permissions, bad input).
+
+``fit`` has no task retries: waiting for a training job through transient faults is the
+backend's loop (``AwsTrainingJobs.wait``), which keeps its place in the job's log and its time
+bound, and on giving up stops the job, which a task retry could not know to do on its last
+attempt. A retried task would also re-run the cache lookup and a fresh bound."""
 
 from __future__ import annotations
 

@@ -50,7 +50,11 @@ def upload_data(backend: Backend, dataset: Dataset) -> str:
 def fit(backend: Backend, spec: TrainingSpec, registry_group: str | None = None,
         cache_key: str | None = None) -> TrainingResult:
     """Runs the training job, streaming its log into the run's logs and its progress into a
-    progress artifact. Not retried: a job that failed on its own fails the same way again.
+    progress artifact. Not retried as a task: a job that failed on its own fails the same way
+    again, and the backend already re-attaches through transient faults while it waits, then
+    stops the job when it gives up (the reasons: ``backends/aws/training.py``), so a failed
+    fit leaves no job billing. A flow run retried after its job failed or was stopped trains
+    under the next free name (``backends/job_names.py``); the result names the job that ran.
 
     With a ``cache_key`` (and the registry ``registry_group`` to find it in), a completed job
     of this pipeline with the same key, whose model still exists, is reused instead: the same
@@ -59,7 +63,7 @@ def fit(backend: Backend, spec: TrainingSpec, registry_group: str | None = None,
     progress = Progress("cifar10-training-progress",
                         f"Training job {spec.job_name}: training steps completed")
     if cache_key and registry_group:
-        cached = backend.cached_training(registry_group, cache_key)
+        cached = backend.cached_training(registry_group, cache_key, on_log=log.info)
         if cached is not None:
             result = dataclasses.replace(cached, billable_seconds=0,
                                          cached_from=cached.job_name)

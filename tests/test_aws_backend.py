@@ -363,16 +363,16 @@ def test_failed_job_raises_with_its_failure_reason(aws):
     reason = "AlgorithmError: ValueError: no CIFAR-10 batches in /opt/ml/input/data/training"
     with Stubber(backend.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", described_job(
-            "Failed", FailureReason=reason, ModelArtifacts={"S3ModelArtifacts": ""}))
+            "InProgress", ModelArtifacts={"S3ModelArtifacts": ""}))
         stubber.add_response("describe_training_job", described_job(
             "Failed", FailureReason=reason, ModelArtifacts={"S3ModelArtifacts": ""}))
         with pytest.raises(TrainingJobFailed) as failure:
-            backend.train(training_spec())  # re-attaches to the failed job: no create
+            backend.train(training_spec())  # re-attaches to the running job, which fails
     assert failure.value.status == "Failed" and failure.value.reason == reason
     assert reason in str(failure.value)
 
 
-def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
+def test_interrupt_stops_the_job_and_so_does_the_wait_bound(aws, monkeypatch):
     import backends.polling  # the backends' one wait loop
 
     backend = make_backend()
@@ -390,7 +390,7 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
             backend.train(training_spec())
         stubber.assert_no_pending_responses()
 
-    # The wait is bounded; an ordinary error leaves the job for a retry to re-attach to.
+    # The wait is bounded; past the bound it gives up on the job, and stops it.
     bounded = make_backend(training_wait_slack_seconds=60)
     clock = itertools.count(0, 10_000)  # every reading is 10000 s after the one before
     monkeypatch.setattr(backends.polling, "monotonic", lambda: next(clock))
@@ -398,10 +398,11 @@ def test_interrupt_stops_the_job_and_errors_leave_it_running(aws, monkeypatch):
     with Stubber(bounded.aws.sagemaker) as stubber:
         stubber.add_response("describe_training_job", in_progress)  # exists: re-attach
         stubber.add_response("describe_training_job", in_progress)  # still InProgress
-        with pytest.raises(BackendError, match=r"still InProgress after \d+s; it keeps "
-                                                r"running.*re-attaches"):
+        stubber.add_response("stop_training_job", {}, {"TrainingJobName": JOB})
+        with pytest.raises(BackendError, match=r"still InProgress after \d+s, past its "
+                                                r"stopping condition.*the job was stopped"):
             bounded.train(training_spec())
-        stubber.assert_no_pending_responses()  # and no StopTrainingJob
+        stubber.assert_no_pending_responses()
 
 
 # -- hosting ---------------------------------------------------------------------------------

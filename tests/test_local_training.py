@@ -176,3 +176,26 @@ def test_missing_channel_is_a_clear_error(backend, tmp_path):
     with pytest.raises(BackendError, match="does not exist"):
         backend.train(TrainingSpec(job_name="job-nodata", data_uri=(tmp_path / "x").as_uri(),
                                    hyperparameters=FAST))
+
+
+def test_a_failed_or_stopped_job_trains_again_under_the_next_free_name(backend, data_uri):
+    """As on SageMaker, which never reuses a job name: a retried flow run whose job Failed,
+    and whose retry's job was Stopped, trains as {name}-r2 instead of failing at once; then
+    it re-attaches to that one."""
+    from backends.local.training import JobRecord
+
+    spec = TrainingSpec(job_name="job-retried", data_uri=data_uri, hyperparameters=FAST)
+    for name, status in (("job-retried", "Failed"), ("job-retried-r1", "Stopped")):
+        backend.jobs.job_dir(name).mkdir(parents=True)
+        (backend.jobs.job_dir(name) / "job.json").write_text(json.dumps(vars(JobRecord(
+            name=name, status=status, secondary_status=status, hyperparameters={},
+            data_uri=data_uri, instance_type="local", instance_count=1,
+            max_runtime_seconds=60, tags={}, created="2026-01-01T00:00:00+00:00",
+            failure_reason="CapacityError: injected"))))
+    lines: list[str] = []
+    result = backend.train(spec, on_log=lines.append)
+    assert result.job_name == "job-retried-r2" and result.status == "Completed"
+    assert "training job job-retried: earlier attempts failed or were stopped: training " \
+           "again as job-retried-r2" in lines
+    assert backend.train(spec) == result  # re-attached: nothing trains again
+    assert backend.stop_training("job-retried") is False  # nothing of the chain runs

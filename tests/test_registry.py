@@ -37,7 +37,13 @@ LINEAGE = {"data_url": "https://example.org/cifar-10-python.tar.gz", "data_md5":
            "instance_count": "1"}
 
 
-def trained(job: str, accuracy: float, model_uri: str = "file:///nowhere/model.tar.gz"):
+# Where each backend's test models "are" (never read): a URI of the backend's own kind, since
+# SageMaker refuses a ModelDataUrl that is neither s3:// nor https://.
+MODEL_URIS = {"local": "file:///nowhere/model.tar.gz",
+              "aws": f"s3://{BUCKET}/cifar10-pipeline/nowhere/model.tar.gz"}
+
+
+def trained(job: str, accuracy: float, model_uri: str = MODEL_URIS["local"]):
     return TrainingResult(job_name=job, status="Completed", model_uri=model_uri,
                           metrics={"test_accuracy": accuracy, "test_loss": 1.0},
                           billable_seconds=1, log_location="-")
@@ -50,7 +56,8 @@ def smoked(accuracy: float, floor: float = 0.4) -> SmokeTestResult:
 
 def register(backend: Backend, job: str, accuracy: float, smoke: float = 0.6,
              auto_approve: bool = True):
-    return register_model.fn(backend, GROUP, trained(job, accuracy), smoked(smoke),
+    model = trained(job, accuracy, MODEL_URIS[backend.name])
+    return register_model.fn(backend, GROUP, model, smoked(smoke),
                              lineage=LINEAGE, cache_key=f"key-{job}",
                              hosting_instance="ml.m5.large", tags=managed_tags("pytest"),
                              tolerance=0.005, auto_approve=auto_approve)
@@ -94,9 +101,12 @@ def test_the_gate_on_the_local_registry(tmp_path):
     gate_scenarios(LocalBackend(root=tmp_path))
 
 
-def test_the_gate_on_sagemaker_model_registry(aws, no_network):
+def test_the_gate_on_sagemaker_model_registry(aws, no_network, request_validator):
     backend = AwsBackend(role_arn=ROLE_ARN, bucket=BUCKET, poll_seconds=0.01)
     gate_scenarios(backend)
+    # Every request as strict as the real API (moto and botocore check less: map minimums,
+    # patterns, lengths).
+    assert request_validator.violations == []
     # The group carries the pipeline's tags; each version's metrics report is in S3.
     group = aws.sm.describe_model_package_group(ModelPackageGroupName=GROUP)
     tags = aws.sm.list_tags(ResourceArn=group["ModelPackageGroupArn"])["Tags"]
@@ -106,7 +116,7 @@ def test_the_gate_on_sagemaker_model_registry(aws, no_network):
     report = described["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     assert report.startswith(f"s3://{BUCKET}/cifar10-pipeline/registry/")
     assert described["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == \
-        "file:///nowhere/model.tar.gz"
+        MODEL_URIS["aws"]
 
 
 CONCURRENT = """

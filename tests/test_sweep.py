@@ -195,3 +195,31 @@ def test_the_sweep_totals_every_jobs_cost():
     assert cost.usd == round(1.5 * PRICES_PER_HOUR["ml.m5.xlarge"]
                              + 0.1 * PRICES_PER_HOUR["ml.m5.large"], 4)
     assert estimate_cost("local", trainings, endpoint).usd == 0.0
+
+
+def test_a_sweep_on_aws_warns_when_it_may_outrun_the_accounts_quota():
+    """max_parallel x instance_count is measured against what new accounts' SageMaker quotas
+    usually allow; the summary later says whether the quota was the limit."""
+    from flows.sweep import quota_warning
+    from tasks.lib.summary import SweepPoint, quota_note
+
+    def sweep(backend: str, instances: int) -> SweepConfig:
+        return SweepConfig.model_validate({
+            "base": {"backend": backend, "training": {"instance_count": instances,
+                                                      "instance_type": "ml.g5.xlarge"}},
+            "grid": {"seed": list(range(8))}})
+
+    assert quota_warning(sweep("aws", 1), parallel=4) is None  # within the usual quotas
+    warning = quota_warning(sweep("aws", 2), parallel=4)
+    assert warning and "up to 8 ml.g5.xlarge training instances at once (4 jobs x 2)" in warning
+    assert "'ml.g5.xlarge for training job usage'" in warning and "Service Quotas" in warning
+    assert quota_warning(sweep("local", 2), parallel=8) is None  # this machine: no quota
+
+    points = [SweepPoint(index=i, values={}, hyperparameters={}, job_name=f"j{i}",
+                         status=status, quota_wait_seconds=wait, quota_refused=refused)
+              for i, status, wait, refused in ((1, "Completed", 0.0, False),
+                                               (2, "Completed", 120.0, False),
+                                               (3, "Failed", 3600.0, True))]
+    assert quota_note(points[:1], "ml.g5.xlarge") is None
+    note = quota_note(points, "ml.g5.xlarge")
+    assert note and "point 2 waited 120s in all" in note and "point 3 failed" in note

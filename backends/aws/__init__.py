@@ -22,8 +22,8 @@ from backends.aws.config import AwsOptions
 from backends.aws.errors import aws_errors
 from backends.aws.hosting import AwsEndpoints
 from backends.aws.registry import AwsRegistry
-from backends.aws.s3 import mirror_directory, object_exists
-from backends.aws.session import AwsSession
+from backends.aws.s3 import mirror_directory, object_exists, s3_uri, why_unreadable
+from backends.aws.session import AwsSession, SessionFactory
 from backends.aws.training import AwsTrainingJobs
 from backends.base import (
     Backend,
@@ -45,13 +45,20 @@ class AwsBackend(Backend):
 
     def __init__(self, region: str | None = None, role_arn: str | None = None,
                  bucket: str | None = None, prefix: str | None = None, *,
-                 boto_session: boto3.Session | None = None, **options: Any) -> None:
+                 boto_session: boto3.Session | None = None,
+                 session_factory: SessionFactory | None = None, **options: Any) -> None:
         """``options``: the other ``AwsOptions`` fields (framework_version, py_version,
-        use_spot, max_wait_minutes, poll_seconds, deploy_timeout_seconds...)."""
+        use_spot, max_wait_minutes, poll_seconds, deploy_timeout_seconds...).
+        ``session_factory``: where the boto3 session comes from instead of the default
+        credential chain (a Prefect credentials block: ``flows/aws_credentials.py``); every
+        client, the SageMaker SDK's included, is made from that one session."""
         self.options = AwsOptions.from_settings(
             region=region, role_arn=role_arn, bucket=bucket,
             prefix=prefix or AwsOptions.prefix, **options)
-        self.aws = AwsSession(self.options.region, boto_session)
+        # A factory gets the region the config names, not the environment's: a credentials
+        # block's own region comes before the machine's AWS_REGION (the factory falls back to it).
+        self.aws = AwsSession(region if session_factory else self.options.region, boto_session,
+                              session_factory)
         self._sdk_session: Any = None
         self._bucket = self.options.bucket
         self._lock = threading.Lock()
@@ -120,6 +127,17 @@ class AwsBackend(Backend):
 
     def artifact_exists(self, uri: str) -> bool:
         return uri.startswith("s3://") and object_exists(self.aws.s3, uri)
+
+    def why_not_reusable(self, uri: str) -> str | None:
+        """Only artifacts under this backend's bucket and prefix are reused. The cache key
+        names neither (keys stay stable across a bucket move), while the registry group is
+        shared by the whole account: a version may point at another bucket or prefix (an
+        earlier configuration, a colleague's run) whose objects the caller's policy does not
+        cover. Those are not even asked about; ours are, and a 403 is "not reusable" too."""
+        root = s3_uri(self.bucket(), f"{self.options.prefix}/")
+        if not uri.startswith(root):
+            return f"it is outside this backend's bucket and prefix ({root})"
+        return why_unreadable(self.aws.s3, uri)
 
     def training_result(self, job_name: str) -> TrainingResult | None:
         described = self.training.describe(job_name)

@@ -43,7 +43,9 @@ class AwsOptions:
     # refuses to delete): a container failing its health checks keeps it Creating for about
     # an hour before it turns Failed.
     delete_wait_seconds: float = 3900.0
-    validate_role: bool = False  # let the SDK simulate the role's policy (iam:Simulate...)
+    # How long a training job that the account's SageMaker quota refuses (ResourceLimitExceeded)
+    # waits for other jobs to end before it fails: a sweep's points queue for the quota.
+    quota_wait_seconds: float = 3600.0
 
     @classmethod
     def from_settings(cls, **settings: object) -> AwsOptions:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import regex  # the API's patterns use \p{...} classes, which re lacks
+from botocore.exceptions import ClientError
 
 from backends.aws.config import AwsOptions
-from backends.aws.errors import aws_errors, unless_missing
+from backends.aws.errors import aws_errors, error_code, unless_missing
 from backends.aws.s3 import s3_uri
 from backends.aws.session import AwsSession
 from backends.base import (
@@ -41,6 +43,9 @@ METRIC_PREFIX = "metric:"  # metrics kept beside the lineage, so listing needs n
 KNOWN = ("training_job", "cache_key", "model_uri")
 # The characters a metadata value may hold (the API's pattern); others become "_".
 METADATA_VALUE = regex.compile(r"[^\p{L}\p{Z}\p{N}_.:/=+\-@]")
+# Fresh keys tried for a metrics report before giving up (each is random: a second is needed
+# only after a retried write that landed, a third never in practice).
+REPORT_ATTEMPTS = 3
 
 
 class AwsRegistry:
@@ -59,14 +64,26 @@ class AwsRegistry:
                               ModelPackageGroupName=group) is not None
 
     def ensure_group(self, group: str, tags: dict[str, str]) -> bool:
-        """Creates the group when missing; True when it existed already."""
+        """Creates the group when missing; True when it existed already. Idempotent and
+        race-safe: CreateModelPackageGroup takes no ClientToken, so two first runs at once, or
+        botocore's retry of a create whose answer was lost, are told that the group already
+        exists. That is success once a describe finds the group (as the SDK's own
+        ``_model_package_group_exists`` treats it), and counts as "existed": another run may
+        have registered a version in it already."""
         if self._group_exists(group):
             return True
         with aws_errors(f"creating model package group {group}"):
-            self.sm.create_model_package_group(
-                ModelPackageGroupName=group,
-                ModelPackageGroupDescription="CIFAR-10 models trained by cifar10-pipeline",
-                Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+            try:
+                self.sm.create_model_package_group(
+                    ModelPackageGroupName=group,
+                    ModelPackageGroupDescription="CIFAR-10 models trained by cifar10-pipeline",
+                    Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+            except ClientError as e:
+                if not (_says_already_exists(e) and self._group_exists(group)):
+                    raise
+                log.info("model package group %s was created meanwhile (%s): using it",
+                         group, error_code(e))
+                return True
         return False
 
     def register(self, spec: ModelVersionSpec, decide: Decide, image: str) -> Registration:
@@ -103,14 +120,36 @@ class AwsRegistry:
         return Registration(version=self._version(arn), champion_before=before)
 
     def _put_metrics(self, spec: ModelVersionSpec) -> str:
-        """The model-quality report the version points at (the registry stores references)."""
-        key = f"{self.options.prefix}/registry/{spec.group}/{spec.training_job}/metrics.json"
+        """The model-quality report the version points at (the registry stores references),
+        under a key of its own: ``registry/{group}/{training_job}/{report id}/metrics.json``.
+        Not the training job alone (a cached model is registered again under its original
+        job), not the version (known only after CreateModelPackage, which takes this URI),
+        not the flow run (a sweep registers several points in one run, a retried run
+        registers again): a random id, one per registration. S3 refuses to overwrite
+        (If-None-Match), so an earlier version's report never changes."""
         body = json.dumps({"metrics": spec.metrics, "training_job": spec.training_job,
-                           "lineage": spec.lineage}, indent=1)
+                           "lineage": spec.lineage}, indent=1).encode()
+        folder = f"{self.options.prefix}/registry/{spec.group}/{spec.training_job}"
+        for _ in range(REPORT_ATTEMPTS):
+            key = f"{folder}/{new_report_id()}/metrics.json"
+            if self._put_new(key, body):
+                return s3_uri(self.bucket(), key)
+        raise BackendError(f"could not write a new metrics report under "
+                           f"{s3_uri(self.bucket(), folder)}/: every key tried was taken")
+
+    def _put_new(self, key: str, body: bytes) -> bool:
+        """Writes the object unless one is at ``key``; False when one is. A 412 can also
+        answer botocore's retry of a write that landed: the caller then writes under a fresh
+        key, leaving an unreferenced copy rather than risking someone else's report."""
         with aws_errors(f"writing the metrics report {s3_uri(self.bucket(), key)}"):
-            self.aws.s3.put_object(Bucket=self.bucket(), Key=key, Body=body.encode(),
-                                   ContentType=JSON)
-        return s3_uri(self.bucket(), key)
+            try:
+                self.aws.s3.put_object(Bucket=self.bucket(), Key=key, Body=body,
+                                       ContentType=JSON, IfNoneMatch="*")
+            except ClientError as e:
+                if error_code(e) not in {"PreconditionFailed", "412"}:
+                    raise
+                return False
+        return True
 
     def versions(self, group: str) -> list[ModelVersion]:
         return self._versions_of(group) if self._group_exists(group) else []
@@ -137,14 +176,15 @@ class AwsRegistry:
         if not found:
             raise BackendError(f"model package group {group} has no version {version}")
         arn = found[0].arn
-        described = self._describe(arn)
+        metadata = self._describe(arn).get("CustomerMetadataProperties") or {}
+        # The metadata passed again whole (some implementations replace the map rather than
+        # merge it), and left out when there is none (a version registered outside the
+        # pipeline): the API refuses an empty map (at least 1 entry), a check botocore does
+        # not make before sending.
+        keep = {"CustomerMetadataProperties": metadata} if metadata else {}
         with aws_errors(f"updating version {version} of model package group {group}"):
-            # The metadata passed again whole: some implementations replace the map rather
-            # than merge it.
-            self.sm.update_model_package(
-                ModelPackageArn=arn, ModelApprovalStatus=status,
-                ApprovalDescription=reason[:1024],
-                CustomerMetadataProperties=described.get("CustomerMetadataProperties", {}))
+            self.sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=status,
+                                         ApprovalDescription=reason[:1024], **keep)
         return self._version(arn)
 
     def _describe(self, arn: str) -> dict[str, Any]:
@@ -168,6 +208,21 @@ class AwsRegistry:
             model_uri=metadata.get("model_uri", ""),
             training_job=metadata.get("training_job", ""),
             cache_key=metadata.get("cache_key", ""), metrics=metrics, lineage=lineage, arn=arn)
+
+
+def new_report_id() -> str:
+    """A metrics report's own folder name: unique per registration."""
+    return uuid.uuid4().hex
+
+
+def _says_already_exists(error: ClientError) -> bool:
+    """Whether a create failed because the resource is there. SageMaker answers a second
+    CreateModelPackageGroup with a ValidationException "... already exists"; ResourceInUse
+    is the modelled code elsewhere, checked as the SDK checks it. The caller confirms with a
+    describe, so a loose match cannot turn a real failure into success."""
+    if error_code(error) in {"ResourceInUse", "ResourceInUseException"}:
+        return True
+    return "already exist" in str(error.response.get("Error", {}).get("Message", "")).lower()
 
 
 def _fit(value: object) -> str:

@@ -10,8 +10,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError
 
-from backends.aws.errors import aws_errors, denied_action, unless_missing
+from backends.aws.errors import (
+    ACCESS_DENIED_CODES,
+    aws_errors,
+    denied_action,
+    error_code,
+    is_not_found,
+    unless_missing,
+)
 from backends.base import BackendError, UploadReport
 from backends.files import sha256_file
 
@@ -100,6 +108,26 @@ def _upload(s3: Any, file: Path, bucket: str, key: str, digest: str) -> None:
 def object_exists(s3: Any, uri: str) -> bool:
     bucket, key = parse_s3_uri(uri)
     return unless_missing(f"checking {uri}", s3.head_object, Bucket=bucket, Key=key) is not None
+
+
+def why_unreadable(s3: Any, uri: str) -> str | None:
+    """Why the object at ``uri`` cannot be read (None: it can). Unlike ``object_exists``, a
+    403 is an answer, not an error: S3 answers 403 for a missing object too when the caller
+    lacks ``s3:ListBucket`` on the bucket, so "refused" may mean "missing"; either way the
+    object is of no use to a caller that cannot read it. Other errors (credentials, region,
+    throttling) are raised, translated, as everywhere else."""
+    bucket, key = parse_s3_uri(uri)
+    with aws_errors(f"checking {uri}"):
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if is_not_found(e):
+                return "it does not exist"
+            if error_code(e) in ACCESS_DENIED_CODES:
+                return (f"S3 refused to say whether it exists (403: s3:GetObject on it, or "
+                        f"s3:ListBucket on bucket {bucket} when it is missing, is not granted)")
+            raise
+    return None
 
 
 def read_tar_member(s3: Any, uri: str, name: str) -> bytes | None:

@@ -8,6 +8,7 @@ SageMaker SDK until a client is first asked for.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -31,6 +32,13 @@ RUNTIME_CONFIG = Config(read_timeout=80, retries={"mode": "standard", "max_attem
 _MODEL_LOADER = botocore.loaders.create_loader()
 
 
+# Makes the boto3 session for a region (None: the source's own): how credentials that are not
+# boto3's default chain reach the backend, e.g. a Prefect AwsCredentials block, which flows/
+# loads (backends never import Prefect). A factory rather than a session: it runs on first use
+# in whichever process builds the backend, and may hand out refreshing credentials.
+SessionFactory = Callable[[str | None], boto3.Session]
+
+
 def new_boto_session(region: str | None) -> boto3.Session:
     """A boto3 session on the default credential chain (environment, profile, SSO, instance
     role). The one place sessions are made: tests replace it to observe every call."""
@@ -39,14 +47,26 @@ def new_boto_session(region: str | None) -> boto3.Session:
     return boto3.Session(botocore_session=core, region_name=region)
 
 
+def session_from_factory(factory: SessionFactory, region: str | None) -> boto3.Session:
+    """A session made by ``factory`` (a credentials block's), sharing the service-model cache.
+    The one place such sessions are made: tests replace it to observe every call."""
+    session = factory(region)
+    # boto3 exposes no public accessor for its botocore session; nothing is loaded yet.
+    session._session.register_component("data_loader", _MODEL_LOADER)
+    return session
+
+
 class AwsSession:
     """One boto3 session and its clients, created on first use and checked for a region and
     credentials so that a missing one is a ``ConfigurationError`` that says what to set."""
 
     def __init__(self, region: str | None = None,
-                 boto_session: boto3.Session | None = None) -> None:
+                 boto_session: boto3.Session | None = None,
+                 session_factory: SessionFactory | None = None) -> None:
         self._region = region
         self._session = boto_session
+        self._handed_in = boto_session is not None  # its owner made it: never remade here
+        self._factory = session_factory
         self._checked = False
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -56,7 +76,8 @@ class AwsSession:
         with self._lock:
             if self._session is None:
                 try:
-                    self._session = new_boto_session(self._region)
+                    self._session = (session_from_factory(self._factory, self._region)
+                                     if self._factory else new_boto_session(self._region))
                 except ProfileNotFound as e:
                     raise ConfigurationError(f"{e}; fix AWS_PROFILE or ~/.aws/config") from e
             if not self._checked:
@@ -66,6 +87,18 @@ class AwsSession:
                     raise ConfigurationError(CREDENTIALS_HELP)
                 self._checked = True
             return self._session
+
+    def renew(self) -> bool:
+        """Forgets the session and its clients, so that the next call makes them again: with
+        credentials the chain (or the factory) has refreshed since, e.g. after an SSO login
+        or a key rotation. False, and nothing changes, for a session that was handed in."""
+        with self._lock:
+            if self._handed_in:
+                return False
+            self._session = None
+            self._checked = False
+            self._clients.clear()
+            return True
 
     @property
     def region(self) -> str:

@@ -107,6 +107,17 @@ class LocalBackend(Backend):
     def artifact_exists(self, uri: str) -> bool:
         return uri.startswith("file://") and path_from_uri(uri).is_file()
 
+    def why_not_reusable(self, uri: str) -> str | None:
+        """Only artifacts in this backend's store are reused: a file elsewhere (another state
+        directory's, one a registry record points at by hand) may change or vanish under us,
+        and retention, which keeps what the registry needs, only looks after the store."""
+        if not uri.startswith("file://"):
+            return "it is not a file:// URI"
+        path = path_from_uri(uri).resolve()
+        if not path.is_relative_to(self.store.root):
+            return f"it is outside this backend's store ({self.store.root})"
+        return None if path.is_file() else "it does not exist"
+
     def training_result(self, job_name: str) -> TrainingResult | None:
         record = self.jobs.describe(job_name)
         if record is None or record.status != "Completed":

@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,6 +49,7 @@ from backends.base import (
     TrainingSpec,
 )
 from backends.files import RECORD_ERRORS, atomic_write_text
+from backends.job_names import existing_jobs, job_to_run
 from backends.local import processes
 from backends.local.launcher import Launched, launch
 from backends.local.retention import BoundedLog, RetentionPolicy, owned_temp_prefix
@@ -190,8 +191,19 @@ class LocalTrainingJobs:
         )
 
     def stop(self, name: str) -> bool:
-        """Stops a running job's hosts (SIGTERM, then SIGKILL) and records it Stopped, from
-        any process; the runner waiting for it then reports it stopped."""
+        """Stops the running job of ``name``'s chain (``backends.job_names``): its hosts
+        (SIGTERM, then SIGKILL), and records it Stopped, from any process; the runner waiting
+        for it then reports it stopped. False when none is running."""
+        for job, status in existing_jobs(name, self._status):
+            if status == "InProgress":
+                return self._stop(job)
+        return False
+
+    def _status(self, name: str) -> str | None:
+        record = self.describe(name)
+        return record.status if record is not None else None
+
+    def _stop(self, name: str) -> bool:
         record = self.describe(name)
         if record is None or record.status != "InProgress":
             return False
@@ -207,10 +219,17 @@ class LocalTrainingJobs:
     # -- running -----------------------------------------------------------------------------
 
     def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
-        """Runs the job to the end, or re-attaches to a finished job of the same name."""
-        existing = self._recorded(spec.job_name)
+        """Runs the job to the end, or re-attaches to a completed job of the same name. When
+        that job Failed or was Stopped, runs under the next name of its chain, as on
+        SageMaker, which never reuses a name (``backends.job_names``)."""
+        name, existing = self._job_to_run(spec.job_name)
         if existing is not None:
-            return self.result(existing)  # Completed → its result; Failed/Stopped → raises
+            return self.result(existing)  # Completed: its result
+        if name != spec.job_name:
+            if on_log:
+                on_log(f"training job {spec.job_name}: earlier attempts failed or were "
+                       f"stopped: training again as {name}")
+            spec = replace(spec, job_name=name)
         if spec.instance_count < 1:
             raise ValueError("instance_count must be >= 1")
         data_dir = path_from_uri(spec.data_uri)
@@ -249,6 +268,17 @@ class LocalTrainingJobs:
             # directory and the checkpoints are no use once the hosts have exited.
             self.release_inputs(spec.job_name)
         return self.result(record)
+
+    def _job_to_run(self, name: str) -> tuple[str, JobRecord | None]:
+        """The name of ``name``'s chain to run or re-attach to, with its record (None: run it)."""
+        records: dict[str, JobRecord | None] = {}
+
+        def status_of(candidate: str) -> str | None:
+            records[candidate] = record = self._recorded(candidate)
+            return record.status if record is not None else None
+
+        chosen, _ = job_to_run(name, status_of)
+        return chosen, records[chosen]
 
     def _recorded(self, name: str) -> JobRecord | None:
         """The finished job recorded under ``name`` (to re-attach to), None when there is no

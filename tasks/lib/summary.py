@@ -208,6 +208,8 @@ class SweepPoint(BaseModel):
     training: TrainingSummary | None = None
     registry: RegistrySummary | None = None
     winner: bool = False
+    quota_wait_seconds: float = 0.0  # waited for the AWS account's quota to let its job start
+    quota_refused: bool = False  # failed: the quota never made room
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "base"
@@ -225,6 +227,7 @@ class SweepSummary(BaseModel):
     smoke_test: SmokeTestResult
     endpoint: EndpointSummary
     cost: CostEstimate
+    quota_note: str | None = None  # the AWS account's quota, not max_parallel, was the limit
 
     @property
     def winner(self) -> SweepPoint:
@@ -265,6 +268,8 @@ class SweepSummary(BaseModel):
             f"estimated ${self.cost.usd:.4f} in all",
             "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items()),
         ]
+        if self.quota_note:
+            lines.append(f"  quota           {self.quota_note}")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -276,4 +281,25 @@ class SweepSummary(BaseModel):
                 f"**{winner.test_accuracy:.2%}**, smoke test {self.smoke_test.accuracy:.1%} on "
                 f"{self.smoke_test.images} images; endpoint `{self.endpoint.name}` "
                 f"{'kept' if self.endpoint.kept else 'deleted'}.\n\n"
-                f"Estimated cost ${self.cost.usd:.4f} ({self.cost.note}).\n")
+                f"Estimated cost ${self.cost.usd:.4f} ({self.cost.note}).\n"
+                + (f"\n**Quota.** {self.quota_note}\n" if self.quota_note else ""))
+
+
+def quota_note(points: list[SweepPoint], instance_type: str) -> str | None:
+    """What the account's quota did to a sweep: which points waited for it, which it refused
+    for good; None when it never got in the way."""
+    waited = [p for p in points if p.quota_wait_seconds and not p.quota_refused]
+    refused = [p for p in points if p.quota_refused]
+    if not waited and not refused:
+        return None
+    said = []
+    if waited:
+        said.append(f"point{'s' * (len(waited) > 1)} {', '.join(str(p.index) for p in waited)} "
+                    f"waited {sum(p.quota_wait_seconds for p in waited):.0f}s in all for it to "
+                    f"let {'their jobs' if len(waited) > 1 else 'its job'} start")
+    if refused:
+        said.append(f"point{'s' * (len(refused) > 1)} {', '.join(str(p.index) for p in refused)} "
+                    f"failed: it never made room")
+    return (f"the AWS account's SageMaker quota for {instance_type} training instances, not "
+            f"max_parallel, was the limit: {'; '.join(said)}. Raise it in Service Quotas "
+            f"(Amazon SageMaker, '{instance_type} for training job usage') to run more at once.")
