@@ -139,8 +139,8 @@ deploy: setup | prefect-home  ## work-pool route: create the process pool, apply
 worker: setup | prefect-home  ## work-pool route: a process worker that runs the *-worker deployments
 	@$(call USE_API); $(BIN)/prefect worker start --pool $(WORK_POOL)
 
-bench: setup | isolated-prefect-home  ## run every benchmark in bench/ and print one table (~25 min; BENCH_ARGS=--quick)
-	$(ISOLATED_PREFECT) $(BIN)/python bench/run_all.py $(BENCH_ARGS)
+bench: setup | isolated-prefect-home  ## run every benchmark in bench/, print one table and write it to bench/RESULTS.md (BENCH_ARGS=--quick)
+	$(ISOLATED_PREFECT) $(BIN)/python bench/run_all.py --results bench/RESULTS.md $(BENCH_ARGS)
 
 soak: setup | isolated-prefect-home  ## the long endpoint soak run (make test runs an 8-second one); SOAK_SECONDS=180 by default
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(ISOLATED_PREFECT) $(BIN)/pytest -m soak -s $(PYTEST_ARGS)

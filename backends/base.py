@@ -1,19 +1,21 @@
 """The backend interface: what the pipeline's tasks ask of SageMaker, or of its local emulation.
 
 A backend is a thin client: it uploads data, runs training jobs, hosts endpoints and deletes
-them, and reports what happened. It never imports Prefect; orchestration, retries and reporting
-belong to ``tasks/``.
+them, and reports what happened. It is a small object with four named collaborators, each a
+Protocol here and implemented once per family: ``storage`` (``Storage``), ``jobs``
+(``TrainingJobs``), ``endpoints`` (``Endpoints``) and ``registry`` (``Registry``). It never
+imports Prefect; orchestration, retries and reporting belong to ``tasks/``.
 """
 
 from __future__ import annotations
 
-import abc
 import datetime as dt
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from model_src.contract import NAME_PATTERN
 
 # Every resource the pipeline creates carries this tag; the reaper only touches tagged ones.
 MANAGED_BY_KEY = "managed-by"
@@ -30,8 +32,6 @@ TRAINING_CHANNEL = "training"
 VARIANT = "AllTraffic"
 
 LogCallback = Callable[[str], None]
-
-log = logging.getLogger(__name__)  # backends never import Prefect: tasks pass on_log instead
 
 
 class BackendError(RuntimeError):
@@ -124,7 +124,7 @@ class TrainingResult:
 # A model version's approval status, SageMaker Model Registry's words.
 APPROVED, REJECTED, PENDING = "Approved", "Rejected", "PendingManualApproval"
 # A model package group's name, as SageMaker allows it (the local registry checks it too).
-MODEL_GROUP_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
+MODEL_GROUP_PATTERN = NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -219,12 +219,127 @@ class Invocation:
     content_type: str
 
 
-class Backend(abc.ABC):
-    """One SageMaker-shaped engine: ``LocalBackend`` (default) or ``AwsBackend``."""
+# -- the collaborators: one Protocol each, implemented once per family ------------------------
+
+
+class Storage(Protocol):
+    """Where training data and model artifacts live: S3 (aws) or a directory (local)."""
+
+    def upload(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
+        """Mirrors a data directory to the store; returns the channel URI. Unchanged files are
+        skipped."""
+        ...
+
+    def exists(self, uri: str) -> bool:
+        """Whether the object at ``uri`` (s3:// or file://) exists."""
+        ...
+
+    def why_not_reusable(self, uri: str) -> str | None:
+        """Why the model artifact at ``uri`` cannot be reused (None: it can): outside the store
+        this backend writes to, missing, or unreadable. The registry may be shared more widely
+        than the store (SageMaker's is per account), so a version can point at an artifact
+        that is someone else's."""
+        ...
+
+
+class TrainingJobs(Protocol):
+    """SageMaker training jobs, or local processes that honour the same contract."""
+
+    def run(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
+        """Runs (or re-attaches to) the training job named ``spec.job_name`` and waits for it,
+        streaming its log lines to ``on_log``. Raises ``TrainingJobFailed`` unless Completed."""
+        ...
+
+    def stop(self, name: str) -> bool:
+        """Stops the training job if it is still running (from any process: the one waiting
+        for it may be another thread, or gone). True when it was running."""
+        ...
+
+    def completed(self, name: str) -> TrainingResult | None:
+        """A completed training job's result, None when it is not (or no longer) there."""
+        ...
+
+
+class Endpoints(Protocol):
+    """Real-time endpoints: model, endpoint config and endpoint (one record locally)."""
+
+    def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
+        """Creates model, endpoint config and endpoint; returns once it is InService."""
+        ...
+
+    def describe(self, name: str) -> EndpointInfo | None:
+        """The endpoint, or None when there is none of that name."""
+        ...
+
+    def list(self) -> list[EndpointInfo]:
+        """Endpoints created by this pipeline (tagged managed-by=cifar10-pipeline)."""
+        ...
+
+    def delete(self, name: str) -> bool:
+        """Deletes the endpoint with its config and model. Idempotent: True when something
+        was deleted, False when there was nothing to delete."""
+        ...
+
+    def orphans(self) -> list[EndpointInfo]:
+        """Pipeline-owned parts of endpoints that no longer exist: an endpoint config or a model
+        left by a teardown or a deploy that stopped half-way (``status`` "Orphaned"). They are
+        named like their endpoint, so ``delete(name)`` removes them. None on backends whose
+        endpoints have no separate parts (local: the record holds them)."""
+        ...
+
+    def runtime_client(self, endpoint_name: str) -> Any:
+        """A boto3 ``sagemaker-runtime`` client that reaches ``endpoint_name``."""
+        ...
+
+    def invoke(self, endpoint_name: str, body: bytes, content_type: str,
+               accept: str = "application/json") -> Invocation:
+        """InvokeEndpoint through boto3 (``invoke_through``), the same client code on every
+        backend."""
+        ...
+
+
+class Registry(Protocol):
+    """The model registry: SageMaker Model Registry (aws), a directory (local)."""
+
+    def register(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
+        """Adds the next version to ``spec.group`` (created when missing), its status and
+        reason ``decide(champion)``, called with the group's champion as it stands at that
+        moment. Numbers increase and are never reused, also under concurrent registrations and
+        after a record is lost. Locally the champion is read, the decision made and the version
+        written under the group's lock, so two concurrent registrations are decided one after
+        the other; SageMaker has no such lock (see ``AwsRegistry.register``)."""
+        ...
+
+    def versions(self, group: str) -> list[ModelVersion]:
+        """The group's versions, oldest first (empty when the group does not exist)."""
+        ...
+
+    def set_status(self, group: str, version: int, status: str, reason: str) -> ModelVersion:
+        """Approves or rejects a version by hand (``BackendError`` when there is none)."""
+        ...
+
+
+def invoke_through(runtime: Any, endpoint_name: str, body: bytes, content_type: str,
+                   accept: str) -> Invocation:
+    """InvokeEndpoint with ``runtime``, a boto3 ``sagemaker-runtime`` client: what every
+    family's ``Endpoints.invoke`` sends, so the client path is the same code on each."""
+    response = runtime.invoke_endpoint(EndpointName=endpoint_name, Body=body,
+                                       ContentType=content_type, Accept=accept)
+    return Invocation(body=response["Body"].read(), content_type=response.get("ContentType", ""))
+
+
+class Backend:
+    """One SageMaker-shaped engine: ``LocalBackend`` (default) or ``AwsBackend``. It only holds
+    its collaborators; callers talk to them (``backend.jobs.run(spec)``), and what spans
+    several of them is a plain function over the backend (``backends.cache``)."""
 
     name: str
+    storage: Storage
+    jobs: TrainingJobs
+    endpoints: Endpoints
+    registry: Registry
 
-    def prepare(self) -> None:  # noqa: B027 (optional: nothing to prepare on SageMaker)
+    def prepare(self) -> None:
         """Gets ready for a run's jobs and endpoints while its data downloads (the local
         backend starts its process launcher); nothing by default."""
 
@@ -235,110 +350,3 @@ class Backend(abc.ABC):
         running endpoint, or a running job needs; one line per kind of thing removed.
         Nothing by default: SageMaker keeps nothing here (S3 lifecycle rules bound a bucket)."""
         return []
-
-    @abc.abstractmethod
-    def upload_data(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
-        """Uploads a data directory; returns the channel URI. Unchanged files are skipped."""
-
-    @abc.abstractmethod
-    def train(self, spec: TrainingSpec, on_log: LogCallback | None = None) -> TrainingResult:
-        """Runs (or re-attaches to) the training job named ``spec.job_name`` and waits for it,
-        streaming its log lines to ``on_log``. Raises ``TrainingJobFailed`` unless Completed."""
-
-    @abc.abstractmethod
-    def stop_training(self, job_name: str) -> bool:
-        """Stops the training job if it is still running (from any process: the one waiting
-        for it may be another thread, or gone). True when it was running."""
-
-    @abc.abstractmethod
-    def deploy(self, spec: EndpointSpec, on_log: LogCallback | None = None) -> EndpointInfo:
-        """Creates model, endpoint config and endpoint; returns once it is InService."""
-
-    @abc.abstractmethod
-    def describe_endpoint(self, name: str) -> EndpointInfo | None:
-        """The endpoint, or None when there is none of that name."""
-
-    @abc.abstractmethod
-    def list_endpoints(self) -> list[EndpointInfo]:
-        """Endpoints created by this pipeline (tagged managed-by=cifar10-pipeline)."""
-
-    @abc.abstractmethod
-    def delete_endpoint(self, name: str) -> bool:
-        """Deletes the endpoint with its config and model. Idempotent: True when something
-        was deleted, False when there was nothing to delete."""
-
-    def list_orphans(self) -> list[EndpointInfo]:
-        """Pipeline-owned parts of endpoints that no longer exist: an endpoint config or a model
-        left by a teardown or a deploy that stopped half-way (``status`` "Orphaned"). They are
-        named like their endpoint, so ``delete_endpoint(name)`` removes them. None on backends
-        whose endpoints have no separate parts (local: the record holds them)."""
-        return []
-
-    # -- the model registry (SageMaker Model Registry; a directory locally) -----------------
-
-    @abc.abstractmethod
-    def register_model(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
-        """Adds the next version to ``spec.group`` (created when missing), its status and
-        reason ``decide(champion)``, called with the group's champion as it stands at that
-        moment. Numbers increase and are never reused, also under concurrent registrations and
-        after a record is lost. Locally the champion is read, the decision made and the version
-        written under the group's lock, so two concurrent registrations are decided one after
-        the other; SageMaker has no such lock (see ``AwsRegistry.register``)."""
-
-    @abc.abstractmethod
-    def list_model_versions(self, group: str) -> list[ModelVersion]:
-        """The group's versions, oldest first (empty when the group does not exist)."""
-
-    @abc.abstractmethod
-    def set_model_status(self, group: str, version: int, status: str,
-                         reason: str) -> ModelVersion:
-        """Approves or rejects a version by hand (``BackendError`` when there is none)."""
-
-    def cached_training(self, group: str, cache_key: str,
-                        on_log: LogCallback | None = None) -> TrainingResult | None:
-        """The newest completed training of this pipeline with ``cache_key`` whose model
-        artifact this backend can still reuse, found through the registry's versions; None
-        when there is none (the run trains). A candidate passed over for its artifact is
-        reported to ``on_log`` (else this module's logger) with the reason: a lookup never
-        fails a run that training would let succeed."""
-        report = on_log or log.info
-        for version in sorted(self.list_model_versions(group), key=lambda v: -v.version):
-            if version.cache_key != cache_key:
-                continue
-            if refusal := self.why_not_reusable(version.model_uri):
-                report(f"cache: {group} v{version.version} (job {version.training_job}) has "
-                       f"this cache key, but its model {version.model_uri} is not reusable: "
-                       f"{refusal}; passed over")
-                continue
-            result = self.training_result(version.training_job)
-            if result is not None and result.model_uri == version.model_uri:
-                return result
-        return None
-
-    def why_not_reusable(self, uri: str) -> str | None:
-        """Why this backend cannot reuse the model artifact at ``uri`` (None: it can): outside
-        the store this backend writes to, missing, or unreadable. The registry may be shared
-        more widely than the store (SageMaker's is per account), so a version can point at
-        an artifact that is someone else's."""
-        return None if self.artifact_exists(uri) else "it does not exist"
-
-    @abc.abstractmethod
-    def artifact_exists(self, uri: str) -> bool:
-        """Whether the object at ``uri`` (s3:// or file://) exists."""
-
-    @abc.abstractmethod
-    def training_result(self, job_name: str) -> TrainingResult | None:
-        """A completed training job's result, None when it is not (or no longer) there."""
-
-    @abc.abstractmethod
-    def runtime_client(self, endpoint_name: str) -> Any:
-        """A boto3 ``sagemaker-runtime`` client that reaches ``endpoint_name``."""
-
-    def invoke(self, endpoint_name: str, body: bytes, content_type: str,
-               accept: str = "application/json") -> Invocation:
-        """InvokeEndpoint through boto3, the same client code on every backend."""
-        response = self.runtime_client(endpoint_name).invoke_endpoint(
-            EndpointName=endpoint_name, Body=body, ContentType=content_type, Accept=accept
-        )
-        return Invocation(body=response["Body"].read(),
-                          content_type=response.get("ContentType", ""))

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from backends.base import BackendError
+from model_src.contract import MAX_NAME_LENGTH  # SageMaker's TrainingJobName
 
-MAX_NAME_LENGTH = 63  # SageMaker's TrainingJobName: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
 MAX_RETRIES = 99  # a flow run retried this often has a problem that another job won't fix
 # What never turns into a model: the name's next job trains instead. Stopping ends as Stopped.
 RETIRED = frozenset({"Failed", "Stopping", "Stopped"})

@@ -30,7 +30,7 @@ def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = F
     others are still reaped: one stuck endpoint must not keep the rest running."""
     now = now or dt.datetime.now(dt.UTC)
     report = ReapReport(dry_run=dry_run)
-    for endpoint in [*backend.list_endpoints(), *backend.list_orphans()]:
+    for endpoint in [*backend.endpoints.list(), *backend.endpoints.orphans()]:
         if not endpoint.managed:
             continue
         if endpoint.kept:
@@ -45,7 +45,7 @@ def reap_endpoints(backend: Backend, older_than: dt.timedelta, dry_run: bool = F
 def _reap(backend: Backend, endpoint: EndpointInfo, report: ReapReport) -> None:
     if not report.dry_run:
         try:
-            backend.delete_endpoint(endpoint.name)
+            backend.endpoints.delete(endpoint.name)
         except Exception as e:  # any failure: report it and go on with the others
             log.warning("could not delete endpoint %s: %s: %s", endpoint.name,
                         type(e).__name__, e)

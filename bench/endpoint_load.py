@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from common import REPO, machine, print_table
+from generated_data import make_cifar_dir
 
 from backends.base import EndpointSpec, TrainingSpec, managed_tags
 from backends.local import LocalBackend
-from model_src.cifar import JSON, NPY
-from tests.support.synthetic import make_cifar_dir
+from model_src.contract import JSON, NPY
 
 # Inference code that does no work: deployed like any model, it measures the server alone.
 NULL_HANDLERS = """
@@ -175,17 +175,17 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         backend = LocalBackend(root=Path(tmp) / "state")
         print(f"machine: {machine()}")
         print("training a model on generated data...", flush=True)
-        data_uri = backend.upload_data(make_cifar_dir(Path(tmp) / "data"))
-        model_uri = backend.train(TrainingSpec(
+        data_uri = backend.storage.upload(make_cifar_dir(Path(tmp) / "data"))
+        model_uri = backend.jobs.run(TrainingSpec(
             job_name="bench-model", data_uri=data_uri,
             hyperparameters={"model": args.model, "epochs": 1, "batch-size": 64},
         )).model_uri
         endpoints = [
-            backend.deploy(EndpointSpec(name="bench-server-only",
-                                        model_uri=null_model(Path(tmp) / "null"),
-                                        tags=managed_tags("bench"))),
-            backend.deploy(EndpointSpec(name="bench-endpoint", model_uri=model_uri,
-                                        tags=managed_tags("bench"))),
+            backend.endpoints.deploy(EndpointSpec(name="bench-server-only",
+                                                  model_uri=null_model(Path(tmp) / "null"),
+                                                  tags=managed_tags("bench"))),
+            backend.endpoints.deploy(EndpointSpec(name="bench-endpoint", model_uri=model_uri,
+                                                  tags=managed_tags("bench"))),
         ]
         floor = subprocess.Popen([sys.executable, "-c", FLOOR_APP], stdout=subprocess.PIPE,
                                  text=True, cwd=REPO)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
             floor.terminate()
             floor.wait(10)
             for info in endpoints:
-                backend.delete_endpoint(info.name)
+                backend.endpoints.delete(info.name)
     print()
     print_table(["target", "images", "concurrency", "requests", "errors", "req/s", "p50 ms",
                  "p99 ms", "vs floor"], rows)

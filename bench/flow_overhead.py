@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import machine, print_table
+from generated_data import make_cifar_tarball
 
 from backends.base import EndpointSpec, TrainingSpec, managed_tags
 from flows.config import PipelineConfig, data_root, get_backend
@@ -26,7 +27,6 @@ from flows.prefect_api import connect
 from tasks.data import download_data, preview_data
 from tasks.endpoint import delete_endpoint, deploy, smoke_predict
 from tasks.training import fit, upload_data
-from tests.support.synthetic import make_cifar_tarball
 
 
 def plain_pipeline(config: PipelineConfig, name: str) -> None:

@@ -22,8 +22,9 @@ server logs, wherever they are) and the Prefect database (``$PREFECT_HOME``).
     python bench/nightly_soak.py --dataset /path/to/cifar-10-python.tar.gz --md5 <md5>
 
 The dataset: ``--dataset`` (the archive, or a directory holding cifar-10-python.tar.gz), else
-``$CIFAR10_SOAK_DATASET``, else ``../shared/datasets/`` beside the repository. Its md5:
-``--md5`` (``skip``: no check), else ``$CIFAR10_SOAK_MD5``, else the shared mirror's.
+``$CIFAR10_DATASET``, else ``../shared/datasets/`` beside the checkout; the soak never
+downloads it. Its md5: ``--md5`` (``skip``: no check), else ``$CIFAR10_DATASET_MD5``, else the
+official archive's (the fallback mirror's for the mirror). bench/common.py says it in full.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import MIRROR_MD5, REPO, machine, print_table
+from common import ARCHIVE, dataset_md5, local_archive, machine, print_table
 
-ARCHIVE = "cifar-10-python.tar.gz"
 MB = 1_000_000
 CACHED_RUN_TARGET = 1 * MB
 KINDS = ("data", "store", "jobs", "endpoints", "registry", "logs", "prefect db", "other")
@@ -60,20 +60,6 @@ class Night:
     @property
     def total(self) -> int:
         return sum(self.sizes.values())
-
-
-def dataset_archive(argument: str | None) -> Path:
-    """The CIFAR-10 archive: the argument, else $CIFAR10_SOAK_DATASET, else the shared mirror
-    beside the repository; a directory means the archive in it."""
-    chosen = argument or os.environ.get("CIFAR10_SOAK_DATASET") \
-        or str(REPO.parent / "shared" / "datasets")
-    path = Path(chosen).expanduser().resolve()
-    if path.is_dir():
-        path = path / ARCHIVE
-    if not path.is_file():
-        raise SystemExit(f"no CIFAR-10 archive at {path}: pass --dataset PATH (the archive, or "
-                         f"a directory holding {ARCHIVE}) or set CIFAR10_SOAK_DATASET")
-    return path
 
 
 def isolate(state: Path) -> None:
@@ -132,7 +118,7 @@ def night_config(args: argparse.Namespace, archive: Path, seed: int):
     from flows.config import PipelineConfig
 
     return PipelineConfig.model_validate({
-        "data": {"url": archive.as_uri(), "md5": None if args.md5 == "skip" else args.md5},
+        "data": {"url": archive.as_uri(), "md5": args.md5},
         "training": {"model": "tutorial", "epochs": args.epochs, "seed": seed},
         # A soak measures disk, not accuracy: a few seconds of training must pass the floor.
         "smoke_test": {"accuracy_floor": 0.1},
@@ -209,9 +195,9 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--quick", action="store_true", help="6 runs with keep_jobs=1")
     parser.add_argument("--dataset", help="the CIFAR-10 archive, or a directory holding "
                                           f"{ARCHIVE}")
-    parser.add_argument("--md5", default=os.environ.get("CIFAR10_SOAK_MD5", MIRROR_MD5),
-                        help="the archive's md5 ('skip': no check); default: the shared "
-                             "mirror's")
+    parser.add_argument("--md5", help="the archive's md5 ('skip': no check); default: "
+                                      "$CIFAR10_DATASET_MD5, else the official archive's "
+                                      "(the mirror's for ../shared/datasets)")
     parser.add_argument("--change-every", type=int, default=3,
                         help="every Nth run changes the seed and trains (default 3)")
     parser.add_argument("--keep-jobs", type=int, default=3, help="retention.keep_jobs")
@@ -219,7 +205,8 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.keep_jobs = 6, 1
-    archive = dataset_archive(args.dataset)
+    archive = local_archive(args.dataset)
+    args.md5 = dataset_md5(str(archive), args.md5)
     with tempfile.TemporaryDirectory(prefix="nightly-soak-") as tmp:
         state = Path(tmp) / ".state"
         isolate(state)

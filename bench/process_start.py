@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from common import machine, print_table
+from generated_data import make_cifar_dir
 
 import backends.local.launcher as launcher
 from backends.base import EndpointSpec, TrainingSpec
 from backends.local import LocalBackend
 from tasks.endpoint import invoke_batch
-from tests.support.synthetic import make_cifar_dir
 
 HYPERPARAMETERS = {"epochs": 1, "batch-size": 16, "lr": 0.02}
 
@@ -42,19 +42,19 @@ def one_pass(root: Path, data: Path, cycles: int, warm: bool) -> tuple[float, fl
     cycles."""
     launcher.WARM_START = warm
     backend = LocalBackend(root=root)
-    data_uri = backend.upload_data(data)
+    data_uri = backend.storage.upload(data)
     import numpy as np
 
     images = np.zeros((1, 3, 32, 32), dtype=np.float32)
     cpu, started = children_cpu(), time.perf_counter()
     for i in range(cycles):
-        result = backend.train(TrainingSpec(job_name=f"bench-{i}", data_uri=data_uri,
-                                            hyperparameters=HYPERPARAMETERS))
-        backend.deploy(EndpointSpec(name=f"bench-{i}", model_uri=result.model_uri))
+        result = backend.jobs.run(TrainingSpec(job_name=f"bench-{i}", data_uri=data_uri,
+                                               hyperparameters=HYPERPARAMETERS))
+        backend.endpoints.deploy(EndpointSpec(name=f"bench-{i}", model_uri=result.model_uri))
         try:
             invoke_batch(backend, f"bench-{i}", images)
         finally:
-            backend.delete_endpoint(f"bench-{i}")
+            backend.endpoints.delete(f"bench-{i}")
     wall = time.perf_counter() - started
     time.sleep(0.5)  # the last server's exit is reaped (and counted) by now
     return wall, children_cpu() - cpu

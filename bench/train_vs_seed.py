@@ -1,5 +1,5 @@
-"""Training speed against the seed notebook, on the real CIFAR-10 mirror, on both precision
-paths.
+"""Training speed against the seed notebook, on the real CIFAR-10 (where it comes from:
+bench/common.py), on both precision paths.
 
 Runs, each as its own process and one after the other (so they never share the CPU):
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common import REPO, machine, print_table, real_cifar10
 
-from model_src.cifar import METRICS_FILE
+from model_src.contract import METRICS_FILE
 
 ENTRY_SCRIPT = REPO / "model_src" / "train.py"
 # Instruction-set caps that make this machine compute like one without native bf16.
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--like", choices=sorted(LIKE),
                         help="compute as a CPU without native bf16 would (caps the instruction "
                              "sets of oneDNN and ATen for every run, the seed's included)")
+    parser.add_argument("--dataset", metavar="PATH_OR_URL",
+                        help="the real CIFAR-10 archive (or a directory holding it); default: "
+                             "$CIFAR10_DATASET, else ../shared/datasets beside the checkout, "
+                             "else the official download (bench/common.py)")
+    parser.add_argument("--md5", help="the archive's md5 ('skip': no check); default: "
+                                      "$CIFAR10_DATASET_MD5, else the known one")
     parser.add_argument("--report", type=Path, metavar="JSON",
                         help="print the report of an earlier run's results file, run nothing")
     args = parser.parse_args(argv)
@@ -124,7 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Runs everything; every result is also written, as it comes, to bench/results/ (so a
     long run's figures survive whatever happens after)."""
     env = {**os.environ, **LIKE.get(args.like or "", {})}
-    batch_dir = real_cifar10()
+    batch_dir = real_cifar10(args.dataset, args.md5)
     cpu = capability(env)
     # auto == fp32 on this machine: the same configuration, measured once.
     paths = ["fp32"] if cpu["auto"] == "fp32" else ["fp32", "auto"]

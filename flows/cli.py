@@ -157,7 +157,7 @@ def _run_flow(flow: Any, config: Any, as_json: bool) -> None:
         typer.echo(summary.text())
 
 
-def _values(text: str | None, kind: type) -> list[Any]:
+def parse_list(text: str | None, kind: type) -> list[Any]:
     """'0.02,0.05,0.1' → [0.02, 0.05, 0.1]; None → []."""
     if text is None:
         return []
@@ -216,10 +216,9 @@ def sweep(
     cifar10-pipeline sweep --model tutorial --epochs 1,2 --lr 0.03,0.05 --json
     """
     from flows.config import SweepConfig
-
-    grid = {"learning_rate": _values(lr, float), "epochs": _values(epochs, float),
-            "model": _values(model, str), "batch_size": _values(batch_size, int),
-            "seed": _values(seed, int)}
+    grid = {"learning_rate": parse_list(lr, float), "epochs": parse_list(epochs, float),
+            "model": parse_list(model, str), "batch_size": parse_list(batch_size, int),
+            "seed": parse_list(seed, int)}
     options = {**locals(), "model": grid["model"][0] if grid["model"] else "tutorial",
                "epochs": None, "batch_size": None, "lr": None}
     with _invalid_options():
@@ -282,7 +281,7 @@ def list_endpoints(
     """Pipeline-owned endpoints with their status, age and owner; "kept" marks those kept with
     --keep-endpoint, which the reaper never deletes."""
     with _backend_errors():
-        endpoints = _backend(backend, region).list_endpoints()
+        endpoints = _backend(backend, region).endpoints.list()
     now = dt.datetime.now(dt.UTC)
     rows = [{"name": e.name, "status": e.status, "created": e.created.isoformat(),
              "age_minutes": round((now - e.created).total_seconds() / 60, 1),
@@ -313,7 +312,7 @@ def delete(
     """Delete an endpoint with its config and model, kept or not (a missing one is not an
     error)."""
     with _backend_errors():
-        deleted = _backend(backend, region).delete_endpoint(name)
+        deleted = _backend(backend, region).endpoints.delete(name)
     typer.echo(f"{name}: {'deleted' if deleted else 'not found (nothing to delete)'}")
 
 
@@ -368,7 +367,7 @@ def list_models(
     from backends.base import champion
 
     with _backend_errors():
-        versions = _backend(backend, region).list_model_versions(group)
+        versions = _backend(backend, region).registry.versions(group)
     best = champion(versions)
     rows = _versions_table(versions, best.version if best else None)
     if as_json:
@@ -394,7 +393,7 @@ def _smoke(accuracy: float | None) -> str:
 def _decide(backend: str, group: str, version: int, status: str, reason: str,
             region: str | None) -> None:
     with _backend_errors():
-        updated = _backend(backend, region).set_model_status(group, version, status, reason)
+        updated = _backend(backend, region).registry.set_status(group, version, status, reason)
     typer.echo(f"{group} v{updated.version}: {updated.status} ({updated.reason})")
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backends.base import MODEL_GROUP_PATTERN, Backend, ConfigurationError
 from backends.settings import state_dir
-from model_src.cifar import whole_if_integral
+from model_src.contract import whole_if_integral
 from tasks.lib.download import (
     DEFAULT_DEADLINE_MINUTES,
     DEFAULT_MAX_BYTES,

@@ -44,7 +44,7 @@ from tasks.lib.summary import (
 from tasks.registry import register_model
 from tasks.reporting import logger
 from tasks.retention import apply_retention
-from tasks.summary import publish_summary
+from tasks.run_summary import publish_summary
 from tasks.training import fit, upload_data
 
 
@@ -76,7 +76,7 @@ def teardown_run_endpoint(config: PipelineConfig, flow_run: FlowRun, state: Stat
     if config.endpoint.keep:
         return
     name = resource_name(str(flow_run.id))
-    deleted = get_backend(config).delete_endpoint(name)
+    deleted = get_backend(config).endpoints.delete(name)
     logger().info("teardown hook (%s): endpoint %s %s", state.name, name,
                   "deleted" if deleted else "was already gone")
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from flows.prefect_adapter import launch_server_process
+
 # `make ui`'s server: where `make serve`/`deploy`/`worker` register when no API is configured.
 LOCAL_UI_API_URL = "http://127.0.0.1:4200/api"
 # The secret `make ui`'s server requires (Prefect's basic auth, "user:password"), in the
@@ -146,9 +148,7 @@ def start_temporary_server(on_status: Callable[[str], None] = print) -> str:
     # Prefect's own start() waits on a clock that only counts its sleeps, and for the whole
     # timeout even when the server process has already died: run the same server, and wait
     # here on the wall clock, watching the process.
-    server.port = server.find_available_port()
-    server.server_process = server._run_uvicorn_command()
-    server.running = True
+    launch_server_process(server)
     atexit.register(server.stop)
     next_note = started + 15
     restarts = 0
@@ -160,8 +160,7 @@ def start_temporary_server(on_status: Callable[[str], None] = print) -> str:
                 # uvicorn's start-up failure, as when the port was taken meanwhile: Prefect's
                 # own answer is another port. Any other cause fails the same way again.
                 restarts += 1
-                server.port = server.find_available_port()
-                server.server_process = server._run_uvicorn_command()
+                launch_server_process(server)
                 continue
             if code is not None:
                 server.stop()
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print(auth_string())
         return
     # PREFECT_API_URL in the environment wins over every other source (Prefect's rule): a new
-    # process knows that without loading Prefect's settings (about 1.5 s).
+    # process knows that without loading Prefect's settings (which imports much of Prefect).
     url = os.environ.get("PREFECT_API_URL") or configured_api_url()
     if url is None and args.fallback and not (args.if_up and not _answers(args.fallback)):
         try:

@@ -23,9 +23,15 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as current_flow_run
 
 from backends.base import Backend, QuotaExceeded, TrainingResult, TrainingSpec, managed_tags
-from backends.local.training import usable_cpus
-from backends.settings import SOURCE_DIR
-from flows.config import AWS_DEFAULT_PARALLEL_JOBS, SweepConfig, data_root, get_backend
+from backends.settings import SOURCE_DIR, usable_cpus
+from flows.config import (
+    AWS_DEFAULT_PARALLEL_JOBS,
+    PipelineConfig,
+    SweepConfig,
+    TrainingSettings,
+    data_root,
+    get_backend,
+)
 from flows.pipeline import (
     host_and_smoke_test,
     lineage_of,
@@ -38,6 +44,7 @@ from tasks.data import download_data
 from tasks.lib.lineage import code_digest
 from tasks.lib.summary import (
     DataSummary,
+    SmokeTestResult,
     SweepPoint,
     SweepSummary,
     TrainingSummary,
@@ -81,7 +88,7 @@ def stop_trainings(backend: Backend, job_names: list[str]) -> None:
     log = logger()
     for name in job_names:
         try:
-            if backend.stop_training(name):
+            if backend.jobs.stop(name):
                 log.info("stopped training job %s", name)
         except Exception as e:  # best effort: the next job still gets its stop
             log.warning("could not stop training job %s: %s", name, e)
@@ -166,6 +173,60 @@ def run_bounded(submit: Callable[[int], PrefectFuture], count: int,
     return futures
 
 
+def fit_points(backend: Backend, base: PipelineConfig, jobs: list[tuple[TrainingSpec, str]],
+               points: list[TrainingSettings],
+               parallel: int) -> tuple[list[PrefectFuture], dict[int, dt.datetime]]:
+    """Every point's fit, at most ``parallel`` at once: the futures, and when each started.
+    Cancelled or interrupted while points train in other threads, it stops their jobs."""
+    submitted: dict[int, dt.datetime] = {}
+
+    def submit(index: int) -> PrefectFuture:
+        # Submitted only once a slot is free, to a pool with more threads than slots: the
+        # point starts now.
+        submitted[index] = dt.datetime.now(dt.UTC)
+        spec, key = jobs[index]
+        return fit.submit(backend, spec, registry_group=base.registry.group
+                          if points[index].cache else None, cache_key=key)
+
+    try:
+        return run_bounded(submit, len(points), parallel), submitted
+    except BaseException:
+        stop_trainings(backend, [spec.job_name for spec, _ in jobs])
+        raise
+
+
+def pick_winner(results: list[SweepPoint], trained: dict[int, TrainingResult]) -> int:
+    """The trained point with the best test accuracy (the first of equals), marked winner."""
+    if not trained:
+        raise SweepFailed(f"all {len(results)} points failed; the first: {results[0].error}")
+    best = max(trained, key=lambda i: (results[i].test_accuracy or 0.0, -i))
+    results[best].winner = True
+    winner = results[best]
+    logger().info("winner: point %d (%s), test accuracy %.4f", winner.index, winner.label(),
+                  winner.test_accuracy)
+    return best
+
+
+def register_points(backend: Backend, base: PipelineConfig, results: list[SweepPoint],
+                    trained: dict[int, TrainingResult], jobs: list[tuple[TrainingSpec, str]],
+                    best: int, smoke: SmokeTestResult,
+                    lineage: Callable[[TrainingSpec], dict[str, str]],
+                    hosting_instance: str, tags: dict[str, str]) -> None:
+    """Registers every trained point, the winner first: its version number follows the
+    champion's it was measured against. The others are rejected as passed over."""
+    winner = results[best]
+    for i, result in sorted(trained.items(), key=lambda item: item[0] != best):
+        spec, key = jobs[i]
+        results[i].registry = register_model(
+            backend, base.registry.group, result, smoke if i == best else None,
+            lineage=lineage(spec), cache_key=key, hosting_instance=hosting_instance,
+            tags=tags, tolerance=base.registry.tolerance,
+            auto_approve=base.registry.auto_approve,
+            passed_over=f"sweep point {i + 1}: test accuracy "
+                        f"{results[i].test_accuracy:.4f} < the winner's "
+                        f"{winner.test_accuracy:.4f} (point {winner.index})")
+
+
 @flow(name="cifar10-sweep", flow_run_name=_run_name, log_prints=True,
       on_cancellation=[teardown_sweep], on_crashed=[teardown_sweep])
 def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa: B008
@@ -197,51 +258,22 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     jobs = [training_job(base, training, point_job_name(run_id, i + 1), data_uri, dataset, code,
                          tags, backend) for i, training in enumerate(points)]
 
-    submitted: dict[int, dt.datetime] = {}
-
-    def submit(index: int) -> PrefectFuture:
-        # Submitted only once a slot is free, to a pool with more threads than slots: the
-        # point starts now.
-        submitted[index] = dt.datetime.now(dt.UTC)
-        spec, key = jobs[index]
-        return fit.submit(backend, spec, registry_group=base.registry.group
-                          if points[index].cache else None, cache_key=key)
-
     with stage(timings, "fit"):
-        try:
-            futures = run_bounded(submit, len(points), parallel)
-        except BaseException:  # cancelled or interrupted while points train in other threads
-            stop_trainings(backend, [spec.job_name for spec, _ in jobs])
-            raise
-
+        futures, submitted = fit_points(backend, base, jobs, points, parallel)
     results, trained = collect_points(futures, jobs, points, swept, submitted)
     # A point marked Failed leaves no job running: the backend stops a job it gives up on,
     # and this asks again in case that stop failed too (AWS unreachable at that moment).
     stop_trainings(backend, [jobs[i][0].job_name for i, p in enumerate(results)
                              if p.status == "Failed"])
-    if not trained:
-        raise SweepFailed(f"all {len(points)} points failed; the first: {results[0].error}")
-    best = max(trained, key=lambda i: (results[i].test_accuracy or 0.0, -i))
-    results[best].winner = True
-    winner = results[best]
-    log.info("winner: point %d (%s), test accuracy %.4f", winner.index, winner.label(),
-             winner.test_accuracy)
+    best = pick_winner(results, trained)
 
     name = resource_name(run_id)
     hosted = host_and_smoke_test(backend, base, name, trained[best].model_uri, dataset,
                                  hosting_instance, run_id, timings)
     with stage(timings, "register"):
-        # The winner first: its version number follows the champion's it was measured against.
-        for i, result in sorted(trained.items(), key=lambda item: item[0] != best):
-            spec, key = jobs[i]
-            results[i].registry = register_model(
-                backend, base.registry.group, result, hosted.smoke if i == best else None,
-                lineage=lineage_of(dataset, code, spec, run_id, backend), cache_key=key,
-                hosting_instance=hosting_instance, tags=tags,
-                tolerance=base.registry.tolerance, auto_approve=base.registry.auto_approve,
-                passed_over=f"sweep point {i + 1}: test accuracy "
-                            f"{results[i].test_accuracy:.4f} < the winner's "
-                            f"{winner.test_accuracy:.4f} (point {winner.index})")
+        register_points(backend, base, results, trained, jobs, best, hosted.smoke,
+                        lambda spec: lineage_of(dataset, code, spec, run_id, backend),
+                        hosting_instance, tags)
     hosted.raise_failure()
 
     endpoint = hosted.summary(base, hosting_instance, timings)

@@ -1,3 +1,4 @@
 """What SageMaker receives as source_dir: the training entry point (train.py), the inference
-handlers (inference.py) and the modules they share. The orchestrating process imports only the
-torch-free ``model_src.cifar``."""
+handlers (inference.py) and the modules they share. The orchestrating process imports only
+``model_src.contract``, the torch-free module of what the container and the orchestrator
+agree on."""

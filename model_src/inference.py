@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar import IMAGE_SHAPE, JSON, META_FILE, NPY, WEIGHTS_FILE
+from contract import IMAGE_SHAPE, JSON, META_FILE, NPY, WEIGHTS_FILE
 from hardware import choose_precision
 from networks import ARCHITECTURES, Classifier, build_model
 

@@ -33,12 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augment import random_crop_flip, random_jpeg
-from cifar import (
+from contract import (
+    CHECKPOINT_DIR_ENV,
     CLASSES,
     CODE_DIR,
     IMAGE_SHAPE,
     META_FILE,
     METRICS_FILE,
+    SAGEMAKER_CHECKPOINT_DIR,
     SOURCE_IGNORE,
     WEIGHTS_FILE,
     find_batch_dir,
@@ -59,8 +61,8 @@ RECIPES: dict[str, dict] = {
         "weight_decay": 0.0, "label_smoothing": 0.2, "warmup_fraction": 0.2,
         "augment_pad": 0, "jpeg_fraction": 0.0,
     },
-    # 11 passes stay above 85% in fp32 too, and fit 10 minutes on 2 cores without native
-    # bf16, where each step costs much more than with it.
+    # 11 passes: enough to hold its accuracy in fp32 as well as in bf16, and few enough that a
+    # CPU without native bf16 (where each step costs much more) trains it in minutes.
     "airbench": {
         "epochs": 11, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "nesterov": True,
         "weight_decay": 5e-4, "label_smoothing": 0.2, "warmup_fraction": 0.2,
@@ -187,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", "--checkpoint_dir", default=default_checkpoint_dir(),
                    help="where a checkpoint is saved after every epoch and resumed from when "
                         "the job starts again (a spot interruption); default: "
-                        f"${CHECKPOINT_ENV}, else {SAGEMAKER_CHECKPOINTS} when it exists")
+                        f"${CHECKPOINT_DIR_ENV}, else {SAGEMAKER_CHECKPOINT_DIR} when it exists")
     p.add_argument("--workers", type=int, default=0,
                    help="accepted for compatibility; data is already in memory as tensors")
     p.add_argument("--dist-backend", "--dist_backend", default="auto",
@@ -258,8 +260,9 @@ def rendezvous(hosts: list[str]) -> str:
 
 
 @dataclass
-class Run:
-    """Everything one training run works with, set up once."""
+class TrainingSession:
+    """One training process's working set, made once by ``set_up``: its hosts, device and
+    precision, the data, the network and optimiser, the step plan, and its checkpoint."""
 
     args: argparse.Namespace
     recipe: dict
@@ -287,72 +290,98 @@ class Run:
         return self.precision == "bf16"
 
 
-def set_up(args: argparse.Namespace) -> Run:
+def set_up(args: argparse.Namespace) -> TrainingSession:
     """Device, precision, process group, data on the device, model, optimiser, the plan."""
     recipe = RECIPES[args.model]
-    use_cuda = torch.cuda.is_available() and args.num_gpus > 0
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if os.environ.get("SM_NUM_CPUS") and not use_cuda:
-        # Several local "hosts" share one machine: each gets its share of the cores.
-        torch.set_num_threads(max(1, int(os.environ["SM_NUM_CPUS"])))
+    device = training_device(args)
     rank, world_size = init_distributed(args, device)
     torch.manual_seed(args.seed)
     precision, why = choose_precision(args.precision, device)
-
     started = time.perf_counter()
-    data = load_cifar10(args.data_dir)
-    mean, std = channel_stats(data["train_x"])
-    data["train_x"], data["train_y"] = data["train_x"].to(device), data["train_y"].to(device)
-    print(f"loaded {len(data['train_x'])} training and {len(data['test_x'])} test images from "
-          f"{args.data_dir} in {time.perf_counter() - started:.1f}s; device={device} "
-          f"hosts={world_size} threads={torch.get_num_threads()}", flush=True)
-
-    model = build_model(args.model, mean, std)
-    if hasattr(model.body, "prepare"):  # data-dependent initialisation (same on every rank)
-        sample = data["train_x"][:5000].float().div(255).cpu()
-        model.body.prepare((sample - model.mean) / model.std)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if world_size > 1:
-        # DDP broadcasts rank 0's initial weights and all-reduces (averages) every gradient.
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index or 0] if use_cuda else None
-        )
+    data, mean, std = load_onto(device, args.data_dir, world_size)
+    model = build_network(args.model, data["train_x"], mean, std, device)
+    net = parallel(model, device, world_size)
     optimizer = SGD([p for p in model.parameters() if p.requires_grad], args.momentum,
                     recipe["nesterov"], recipe["weight_decay"])
     # DistributedSampler shards a fresh permutation per epoch; with one host it is a shuffle.
     sampler = torch.utils.data.DistributedSampler(
         range(len(data["train_x"])), num_replicas=world_size, rank=rank, shuffle=True,
         seed=args.seed)
-    # --batch-size is the global batch: each host takes its share, so that N hosts take the
-    # same steps as one (the hosts' shards of a step's permutation slice make up the one
-    # host's batch, and DDP averages their equal-sized gradients): same learning rate, same
-    # trajectory, up to the order of floating-point sums. A global batch that does not divide
-    # by the hosts is rounded down to one that does.
-    host_batch = max(1, args.batch_size // world_size)
-    if host_batch * world_size != args.batch_size:
-        print(f"the global batch {args.batch_size} does not divide by {world_size} hosts: each "
-              f"takes {host_batch} images a step, a global batch of {host_batch * world_size}",
-              flush=True)
-    steps_per_epoch = -(-len(sampler) // host_batch)
-    total_steps = math.ceil(steps_per_epoch * args.epochs)
+    host_batch = host_batch_size(args.batch_size, world_size)
+    total_steps = math.ceil(-(-len(sampler) // host_batch) * args.epochs)
     # The plan, for progress bars and for the reader of the log.
     print(f"precision={precision}; ({why})", flush=True)
     log_metrics(epochs=args.epochs, total_steps=total_steps, hosts=world_size,
                 global_batch=host_batch * world_size, host_batch=host_batch)
-    run = Run(args=args, recipe=recipe, device=device, precision=precision,
-              precision_reason=why, rank=rank, world_size=world_size, data=data, mean=mean,
-              std=std, model=model, net=net, optimizer=optimizer, sampler=sampler,
-              total_steps=total_steps, host_batch=host_batch,
-              augment_generator=torch.Generator().manual_seed(args.seed * 1000 + rank),
-              started=started,
-              checkpoint=Path(args.checkpoint_dir) / CHECKPOINT_FILE
-              if args.checkpoint_dir else None)
+    run = TrainingSession(
+        args=args, recipe=recipe, device=device, precision=precision, precision_reason=why,
+        rank=rank, world_size=world_size, data=data, mean=mean, std=std, model=model, net=net,
+        optimizer=optimizer, sampler=sampler, total_steps=total_steps, host_batch=host_batch,
+        augment_generator=torch.Generator().manual_seed(args.seed * 1000 + rank),
+        started=started,
+        checkpoint=Path(args.checkpoint_dir) / CHECKPOINT_FILE if args.checkpoint_dir else None)
     resume(run)
     return run
 
 
-def train_epoch(run: Run, epoch: int, step: int) -> dict:
+def training_device(args: argparse.Namespace) -> torch.device:
+    """The GPU when there is one and the job may use it, else the CPU."""
+    use_cuda = torch.cuda.is_available() and args.num_gpus > 0
+    if os.environ.get("SM_NUM_CPUS") and not use_cuda:
+        # Several local "hosts" share one machine: each gets its share of the cores.
+        torch.set_num_threads(max(1, int(os.environ["SM_NUM_CPUS"])))
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def load_onto(device: torch.device, data_dir: str, world_size: int
+              ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    """(the dataset with its training split moved to ``device``, the training images'
+    per-channel mean and std); the test split stays on the CPU."""
+    started = time.perf_counter()
+    data = load_cifar10(data_dir)
+    mean, std = channel_stats(data["train_x"])
+    data["train_x"], data["train_y"] = data["train_x"].to(device), data["train_y"].to(device)
+    print(f"loaded {len(data['train_x'])} training and {len(data['test_x'])} test images from "
+          f"{data_dir} in {time.perf_counter() - started:.1f}s; device={device} "
+          f"hosts={world_size} threads={torch.get_num_threads()}", flush=True)
+    return data, mean, std
+
+
+def build_network(name: str, train_x: torch.Tensor, mean: list[float], std: list[float],
+                  device: torch.device) -> Classifier:
+    """The named network on ``device``, channels-last, initialised from the data if it needs
+    to be (the same on every rank)."""
+    model = build_model(name, mean, std)
+    if hasattr(model.body, "prepare"):  # data-dependent initialisation
+        sample = train_x[:5000].float().div(255).cpu()
+        model.body.prepare((sample - model.mean) / model.std)
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def parallel(model: Classifier, device: torch.device, world_size: int) -> nn.Module:
+    """The model, or DistributedDataParallel around it when there are several hosts: DDP
+    broadcasts rank 0's initial weights and all-reduces (averages) every gradient."""
+    if world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
+def host_batch_size(global_batch: int, world_size: int) -> int:
+    """This host's share of the global batch. --batch-size is the global batch, so that N hosts
+    take the same steps as one (the hosts' shards of a step's permutation slice make up the one
+    host's batch, and DDP averages their equal-sized gradients): same learning rate, same
+    trajectory, up to the order of floating-point sums. A global batch that does not divide
+    by the hosts is rounded down to one that does, and said so."""
+    host_batch = max(1, global_batch // world_size)
+    if host_batch * world_size != global_batch:
+        print(f"the global batch {global_batch} does not divide by {world_size} hosts: each "
+              f"takes {host_batch} images a step, a global batch of {host_batch * world_size}",
+              flush=True)
+    return host_batch
+
+
+def train_epoch(run: TrainingSession, epoch: int, step: int) -> dict:
     """One pass over this host's shard (shorter when the plan ends mid-pass); the epoch's
     record, whose ``steps`` counts from the start of training."""
     args, recipe, device = run.args, run.recipe, run.device
@@ -415,7 +444,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def train(args: argparse.Namespace) -> tuple[Run, dict]:
+def train(args: argparse.Namespace) -> tuple[TrainingSession, dict]:
     """Trains as planned; (the run, its metrics)."""
     run = set_up(args)
     history = list(run.resumed["history"]) if run.resumed else []
@@ -450,19 +479,18 @@ def train(args: argparse.Namespace) -> tuple[Run, dict]:
 
 # -- checkpoints: a spot interruption resumes where it stopped ---------------------------------
 
-CHECKPOINT_ENV = "CIFAR10_CHECKPOINT_DIR"  # the local backend's per-job checkpoint directory
-# SageMaker syncs this directory with CheckpointConfig's S3 URI, and restores it on restart.
-SAGEMAKER_CHECKPOINTS = "/opt/ml/checkpoints"
 CHECKPOINT_FILE = "checkpoint.pt"
+# The checkpoint's entry holding checkpoint_identity(); its name is part of the file format.
+IDENTITY_KEY = "plan"
 
 
 def default_checkpoint_dir() -> str | None:
-    if os.environ.get(CHECKPOINT_ENV):
-        return os.environ[CHECKPOINT_ENV]
-    return SAGEMAKER_CHECKPOINTS if Path(SAGEMAKER_CHECKPOINTS).is_dir() else None
+    if os.environ.get(CHECKPOINT_DIR_ENV):
+        return os.environ[CHECKPOINT_DIR_ENV]
+    return SAGEMAKER_CHECKPOINT_DIR if Path(SAGEMAKER_CHECKPOINT_DIR).is_dir() else None
 
 
-def plan(run: Run) -> dict:
+def checkpoint_identity(run: TrainingSession) -> dict:
     """What a checkpoint must match to be resumed: the same recipe on the same hosts."""
     args = run.args
     return {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -471,13 +499,13 @@ def plan(run: Run) -> dict:
             "images": len(run.data["train_x"])}
 
 
-def save_checkpoint(run: Run, history: list[dict], step: int) -> None:
+def save_checkpoint(run: TrainingSession, history: list[dict], step: int) -> None:
     """After an epoch: everything the next epochs depend on (weights, buffers, momentum, the
     random generators), written whole or not at all. Rank 0's is every rank's: they are equal."""
     if run.checkpoint is None or run.rank != 0:
         return
     state = {
-        "plan": plan(run), "history": history, "step": step,
+        IDENTITY_KEY: checkpoint_identity(run), "history": history, "step": step,
         "seconds": time.perf_counter() - run.started
         + (run.resumed["seconds"] if run.resumed else 0.0),
         "model": run.model.state_dict(), "momentum": run.optimizer.buffers,
@@ -490,15 +518,15 @@ def save_checkpoint(run: Run, history: list[dict], step: int) -> None:
     os.replace(partial, run.checkpoint)
 
 
-def resume(run: Run) -> None:
+def resume(run: TrainingSession) -> None:
     """Continues from the checkpoint an interrupted process of this job left, if it was
     training the same plan; a different one is ignored, and said so."""
     if run.checkpoint is None or not run.checkpoint.is_file():
         return
     state = torch.load(run.checkpoint, map_location=run.device, weights_only=True)
-    if state.get("plan") != plan(run):
+    if state.get(IDENTITY_KEY) != checkpoint_identity(run):
         print(f"ignoring the checkpoint in {run.checkpoint.parent}: it was saved for another "
-              f"plan ({state.get('plan')})", flush=True)
+              f"plan ({state.get(IDENTITY_KEY)})", flush=True)
         return
     run.model.load_state_dict(state["model"])
     with torch.no_grad():

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 
-from model_src.cifar import CLASSES, read_batch
+from model_src.contract import CLASSES, read_batch
 from tasks.lib.download import (
     DEFAULT_DEADLINE_MINUTES,
     DEFAULT_MAX_BYTES,

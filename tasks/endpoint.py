@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from backends.base import Backend, EndpointInfo, EndpointSpec
-from model_src.cifar import CLASSES, NPY, read_batch
+from model_src.contract import CLASSES, NPY, read_batch
 from tasks.lib.download import Dataset
 from tasks.lib.plots import image_grid
 from tasks.lib.summary import SmokeTestResult
@@ -45,7 +45,7 @@ def deploy(backend: Backend, spec: EndpointSpec) -> EndpointInfo:
     log.info("deploying %s to endpoint %s (%d x %s)", spec.model_uri, spec.name,
              spec.instance_count, spec.instance_type)
     started = time.monotonic()
-    info = backend.deploy(spec, on_log=log.info)
+    info = backend.endpoints.deploy(spec, on_log=log.info)
     log.info("endpoint %s is %s after %.1fs%s", info.name, info.status,
              time.monotonic() - started, f" at {info.url}" if info.url else "")
     return info
@@ -55,7 +55,8 @@ def invoke_batch(backend: Backend, endpoint_name: str, images: np.ndarray) -> np
     """float32 images → logits, through boto3's sagemaker-runtime ``invoke_endpoint``."""
     buffer = io.BytesIO()
     np.save(buffer, images.astype(np.float32), allow_pickle=False)
-    answer = backend.invoke(endpoint_name, buffer.getvalue(), content_type=NPY, accept=NPY)
+    answer = backend.endpoints.invoke(endpoint_name, buffer.getvalue(), content_type=NPY,
+                                      accept=NPY)
     if answer.content_type.split(";")[0].strip() != NPY:
         raise BadPrediction(f"endpoint answered {answer.content_type!r}, asked for {NPY}")
     try:
@@ -137,6 +138,6 @@ def _publish(result: SmokeTestResult, pixels: np.ndarray, labels: np.ndarray,
       retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
 def delete_endpoint(backend: Backend, name: str) -> bool:
     """Deletes endpoint, endpoint config and model. A missing endpoint is success."""
-    deleted = backend.delete_endpoint(name)
+    deleted = backend.endpoints.delete(name)
     logger().info("endpoint %s %s", name, "deleted" if deleted else "was already gone")
     return deleted

@@ -15,7 +15,7 @@ from backends.base import (
     TrainingResult,
     champion,
 )
-from tasks.lib.lineage import decide
+from tasks.lib.promotion_gate import verdict
 from tasks.lib.summary import RegistrySummary, SmokeTestResult
 from tasks.reporting import logger, publish_markdown
 
@@ -37,7 +37,7 @@ def register_model(backend: Backend, group: str, training: TrainingResult,
         log.info("the model of job %s is already %s version %d (%s: %s): not registered again",
                  existing.training_job, group, existing.version, existing.status,
                  existing.reason)
-        now = champion(backend.list_model_versions(group))
+        now = champion(backend.registry.versions(group))
         publish_markdown("cifar10-model-lineage", lineage_markdown(existing, now, reused=True),
                          description=f"{group} v{existing.version} (already registered) "
                                      f"beside the champion")
@@ -56,10 +56,10 @@ def register_model(backend: Backend, group: str, training: TrainingResult,
             reason = f"not hosted: {passed_over or 'no smoke test'}"
             return (REJECTED, reason) if auto_approve else (
                 PENDING, f"awaiting manual approval ({reason})")
-        return decide(test_accuracy, smoke.passed, smoke.accuracy, smoke.accuracy_floor,
-                      before, tolerance, auto_approve)
+        return verdict(test_accuracy, smoke.passed, smoke.accuracy, smoke.accuracy_floor,
+                       before, tolerance, auto_approve)
 
-    registration = backend.register_model(ModelVersionSpec(
+    registration = backend.registry.register(ModelVersionSpec(
         group=group, model_uri=training.model_uri, training_job=training.cached_from
         or training.job_name, cache_key=cache_key, metrics=metrics, lineage=lineage,
         instance_type=hosting_instance, tags=tags), gate)
@@ -82,7 +82,7 @@ def already_registered(backend: Backend, group: str, training: TrainingResult,
     duplicate version, never a wrong decision."""
     if not training.cached_from:
         return None
-    same = [v for v in backend.list_model_versions(group)
+    same = [v for v in backend.registry.versions(group)
             if v.model_uri == training.model_uri and v.training_job == training.cached_from]
     if smoke is not None:
         same = [v for v in same if "smoke_accuracy" in v.metrics]

@@ -10,7 +10,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from backends.base import Backend, TrainingResult, TrainingSpec
-from model_src.cifar import metric_values
+from backends.cache import cached_training
+from model_src.contract import metric_values
 from tasks.lib.download import Dataset
 from tasks.reporting import Progress, logger, publish_table
 from tasks.retries import retry_transient
@@ -41,7 +42,7 @@ class TrainingProgress:
 def upload_data(backend: Backend, dataset: Dataset) -> str:
     """Uploads the batch directory as the training channel; unchanged files are skipped."""
     log = logger()
-    uri = backend.upload_data(Path(dataset.path), on_log=log.info)
+    uri = backend.storage.upload(Path(dataset.path), on_log=log.info)
     log.info("training channel: %s", uri)
     return uri
 
@@ -63,7 +64,7 @@ def fit(backend: Backend, spec: TrainingSpec, registry_group: str | None = None,
     progress = Progress("cifar10-training-progress",
                         f"Training job {spec.job_name}: training steps completed")
     if cache_key and registry_group:
-        cached = backend.cached_training(registry_group, cache_key, on_log=log.info)
+        cached = cached_training(backend, registry_group, cache_key, on_log=log.info)
         if cached is not None:
             result = dataclasses.replace(cached, billable_seconds=0,
                                          cached_from=cached.job_name)
@@ -87,7 +88,7 @@ def fit(backend: Backend, spec: TrainingSpec, registry_group: str | None = None,
 
     log.info("starting training job %s on %s (%d x %s), hyperparameters %s", spec.job_name,
              backend.name, spec.instance_count, spec.instance_type, spec.hyperparameters)
-    result = backend.train(spec, on_log=on_log)
+    result = backend.jobs.run(spec, on_log=on_log)
     progress.update(100.0, f"{result.status}: {result.job_name}")
     publish_table("cifar10-training-metrics", metrics_rows(result.metrics),
                   description=f"Training job {result.job_name}: per-epoch metrics, then the "

@@ -1,12 +1,16 @@
-"""Shared fixtures: generated CIFAR-format data, an isolated state directory, and a check that
-no test leaves a local endpoint process behind."""
+"""Shared fixtures: generated CIFAR-format data, a pipeline state directory for the tests that
+ask for one, and checks that no test leaves a local endpoint process behind or writes to the
+state directory of whoever runs the tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 # servers, Prefect servers): an OpenMP thread waiting for work sleeps instead of spinning on a
 # core another process needs (on two cores, a tenth of the suite's CPU time).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from backends.settings import STATE_DIR_ENV
 from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
 from tests.support.synthetic import make_cifar_dir
 
@@ -33,12 +38,46 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cifar_dir(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def state_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test session gets its own pipeline state directory (store, jobs, endpoints)."""
-    home = tmp_path_factory.mktemp("state")
-    os.environ["CIFAR10_PIPELINE_HOME"] = str(home)
+@pytest.fixture
+def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty pipeline state directory (data, store, jobs, endpoints, registry) for this test,
+    named by CIFAR10_PIPELINE_HOME: for code that finds it through the environment (a flow's
+    default data directory, ``LocalBackend()``, the CLI)."""
+    home = tmp_path / "pipeline-home"
+    monkeypatch.setenv(STATE_DIR_ENV, str(home))
     return home
+
+
+@pytest.fixture(scope="module")
+def module_pipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``pipeline_home`` shared by one module's tests, for modules whose tests build on the
+    same state (one registry, one training cache, one downloaded copy)."""
+    home = tmp_path_factory.mktemp("pipeline-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(STATE_DIR_ENV, str(home))
+        yield home
+
+
+def state_snapshot(home: Path) -> dict[str, int]:
+    """The modification times of a state directory and of what lies in it (Prefect's own
+    home, which the tests share by design, aside): any record written there changes one."""
+    if not home.is_dir():
+        return {}
+    return {str(p): p.stat().st_mtime_ns for p in (home, *home.iterdir()) if p.name != "prefect"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_state_untouched() -> Iterator[None]:
+    """Fails the session if a test wrote to the state directory that the environment the tests
+    were started with names (the checkout's .state/ under ``make test``): a test that needs
+    one asks for ``pipeline_home`` or ``module_pipeline_home``."""
+    from backends.settings import state_dir
+
+    home = state_dir()
+    before = state_snapshot(home)
+    yield
+    changed = sorted(p for p, t in state_snapshot(home).items() if before.get(p) != t)
+    assert not changed, f"tests wrote to {home} (not asked for a pipeline_home): {changed}"
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +88,21 @@ def local_backend(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def model_uri(local_backend, cifar_dir) -> str:
-    """A model.tar.gz trained by a local training job on the generated data."""
+def session_training(local_backend, cifar_dir):
+    """A local training job on the generated data, in ``local_backend``: its result (job name,
+    model.tar.gz, metrics, log file)."""
     from backends.base import TrainingSpec
 
-    data_uri = local_backend.upload_data(cifar_dir)
+    data_uri = local_backend.storage.upload(cifar_dir)
     spec = TrainingSpec(job_name="session-model", data_uri=data_uri,
                         hyperparameters=FAST_HYPERPARAMETERS)
-    return local_backend.train(spec).model_uri
+    return local_backend.jobs.run(spec)
+
+
+@pytest.fixture(scope="session")
+def model_uri(session_training) -> str:
+    """The model.tar.gz of ``session_training``."""
+    return session_training.model_uri
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +111,10 @@ def endpoint(request, local_backend, model_uri):
     from backends.base import EndpointSpec, managed_tags
 
     name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")
-    info = local_backend.deploy(EndpointSpec(name=name, model_uri=model_uri,
-                                             tags=managed_tags("pytest")))
+    info = local_backend.endpoints.deploy(EndpointSpec(name=name, model_uri=model_uri,
+                                                       tags=managed_tags("pytest")))
     yield info
-    local_backend.delete_endpoint(info.name)
+    local_backend.endpoints.delete(info.name)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -148,32 +194,38 @@ def cifar_tarball(http_root) -> tuple[str, str]:
 
 def pytest_sessionstart(session) -> None:
     """The controller (or a run without workers) starts creating the Prefect database that
-    the tests' servers copy (``prefect_database``) at once, in the background: it is ready
-    when the first test needs it instead of making that test wait."""
+    the tests' servers copy (``prefect_database``) at once, in the background, in a directory
+    of its own that it hands to the workers: it is ready when the first test needs it instead
+    of making that test wait."""
     if hasattr(session.config, "workerinput"):
         return  # a pytest-xdist worker: the controller has started it
     from tests.support.live import create_database_in_background
 
-    shared = session.config._tmp_path_factory.getbasetemp()
-    session.config.stash[DATABASE_CREATION] = create_database_in_background(
-        shared / PREFECT_DATABASE)
+    shared = Path(tempfile.mkdtemp(prefix="cifar10-tests-prefect-database-"))
+    session.config.stash[DATABASE_DIRECTORY] = shared
+    session.config.stash[DATABASE_CREATION] = create_database_in_background(shared)
 
 
-PREFECT_DATABASE = "prefect-database"
+DATABASE_DIRECTORY = pytest.StashKey[Path]()
 DATABASE_CREATION = pytest.StashKey[subprocess.Popen]()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist: the controller starts a worker
+    node.workerinput["prefect_database"] = str(node.config.stash[DATABASE_DIRECTORY])
+
+
 @pytest.fixture(scope="session")
-def prefect_database(tmp_path_factory) -> Path:
+def prefect_database(request: pytest.FixtureRequest) -> Path:
     """A migrated Prefect database that every test's Prefect server starts from (a copy
     each), created once per session (see ``pytest_sessionstart``): pytest-xdist workers share
     it, and wait under its lock while it is being created."""
     from tests.support.live import migrated_database
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the workers' base directories lie side by side in it
-    return migrated_database(shared / PREFECT_DATABASE)
+    worker = getattr(request.config, "workerinput", None)
+    shared = Path(worker["prefect_database"]) if worker else \
+        request.config.stash[DATABASE_DIRECTORY]
+    return migrated_database(shared)
 
 
 @pytest.fixture(scope="session")
@@ -197,30 +249,46 @@ def prefect_harness(prefect_database, tmp_path_factory):
 
 
 # The long modules first, the rest after in file order: parallel workers then finish together
-# instead of one running a long module alone at the end. The first one mostly waits (on
-# heartbeats, crash detection, cancellations): the modules right after it keep several cores
-# busy each (two-host trainings, the endpoint soak) and fill those waits.
-LONGEST_MODULES = ("test_faults_live.py", "test_sagemaker_drivers.py", "test_endpoint_abuse.py",
-                   "test_distributed_training.py", "test_local_training.py", "test_faults.py",
-                   "test_flow.py", "test_entry_script.py", "test_ui_e2e.py",
-                   "test_prefect_api.py", "test_process_launcher.py", "test_aws_flow.py",
-                   "test_deployments.py", "test_serving_toolkit.py")
+# instead of one running a long module alone at the end. A long module says so
+# (``pytestmark = pytest.mark.long_running``); among them, the longest in the last run that
+# measured them (pytest's cache) first. Only the speed depends on this order.
+MODULE_SECONDS = "cifar10-pipeline/module-seconds"
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    seconds = cache.get(MODULE_SECONDS, {}) if cache else {}
+
+    def rank(item) -> tuple[bool, float]:
+        return (item.get_closest_marker("long_running") is None,
+                -seconds.get(item.path.name, 0.0))
+
+    items.sort(key=rank)  # stable: file order within a rank
 
 
-def pytest_sessionfinish(session) -> None:
+def pytest_runtest_logreport(report) -> None:
+    """Adds up each module's seconds (setup, call and teardown), for the next run's order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, or a run without workers
+        module = report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        MEASURED[module] = MEASURED.get(module, 0.0) + report.duration
+
+
+MEASURED: dict[str, float] = {}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
     """A pytest-xdist worker hands its report tables to the controller, which prints them.
     The controller stops the database creation it started if a short run ended first."""
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["report_tables"] = shipped()
-    elif creating := session.config.stash.get(DATABASE_CREATION, None):
+        return
+    if (cache := getattr(session.config, "cache", None)) and exitstatus == 0 and MEASURED:
+        cache.set(MODULE_SECONDS, {**cache.get(MODULE_SECONDS, {}), **MEASURED})
+    if creating := session.config.stash.get(DATABASE_CREATION, None):
         if creating.poll() is None:  # no test needed it before the end
             os.killpg(creating.pid, signal.SIGKILL)
         creating.wait()
+        shutil.rmtree(session.config.stash[DATABASE_DIRECTORY], ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -31,9 +31,11 @@ from tests.support.aws_fakes import (
     ACCOUNT,
     BUCKET,
     INFERENCE_IMAGE,
+    JOB,
     REGION,
     ROLE_ARN,
     TRAINING_IMAGE,
+    described_job,
     isolate_aws_environment,
 )
 from tests.support.pipeline import FAST_HYPERPARAMETERS
@@ -41,7 +43,6 @@ from tests.support.pipeline import FAST_HYPERPARAMETERS
 pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
 
-JOB = "cifar10-0123456789ab"
 ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{JOB}"  # any valid ARN
 
 
@@ -62,22 +63,6 @@ def not_found(stubber: Stubber, method: str, message: str = "Requested resource 
     stubber.add_client_error(method, service_error_code="ValidationException",
                              service_message=message, http_status_code=400,
                              expected_params=params or None)
-
-
-def described_job(status: str = "Completed", **extra) -> dict:
-    now = dt.datetime.now(dt.UTC)
-    return {
-        "TrainingJobName": JOB, "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:"
-                                                 f"training-job/{JOB}",
-        "TrainingJobStatus": status, "SecondaryStatus": status,
-        "AlgorithmSpecification": {"TrainingImage": TRAINING_IMAGE, "TrainingInputMode": "File"},
-        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1,
-                           "VolumeSizeInGB": 30},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 1800},
-        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{BUCKET}/cifar10-pipeline/training-jobs/"
-                                               f"{JOB}/output/model.tar.gz"},
-        "CreationTime": now, **extra,
-    }
 
 
 # -- configuration and errors ----------------------------------------------------------------
@@ -119,7 +104,7 @@ def test_missing_region_says_what_to_set(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with pytest.raises(ConfigurationError, match=r"no AWS region configured.*AWS_REGION"):
-        AwsBackend().list_endpoints()
+        AwsBackend().endpoints.list()
     # The CLI says it in one line, not with a traceback.
     from typer.testing import CliRunner
 
@@ -135,17 +120,17 @@ def test_missing_region_says_what_to_set(monkeypatch):
 def test_missing_credentials_say_what_to_set(monkeypatch, no_network):
     isolate_aws_environment(monkeypatch)
     with pytest.raises(ConfigurationError, match=r"no AWS credentials found.*aws configure"):
-        AwsBackend(region=REGION).delete_endpoint("anything")
+        AwsBackend(region=REGION).endpoints.delete("anything")
 
 
 def test_missing_or_malformed_role_fails_before_any_call(aws, sagemaker_calls):
     backend = make_backend(role_arn=None)
     with pytest.raises(ConfigurationError, match="SAGEMAKER_ROLE_ARN"):
-        backend.train(training_spec())
+        backend.jobs.run(training_spec())
     with pytest.raises(ConfigurationError, match="SAGEMAKER_ROLE_ARN"):
-        backend.deploy(EndpointSpec(name=JOB, model_uri=f"s3://{BUCKET}/m.tar.gz"))
+        backend.endpoints.deploy(EndpointSpec(name=JOB, model_uri=f"s3://{BUCKET}/m.tar.gz"))
     with pytest.raises(ConfigurationError, match="not an IAM role ARN"):
-        make_backend(role_arn="cifar10-sagemaker").train(training_spec())
+        make_backend(role_arn="cifar10-sagemaker").jobs.run(training_spec())
     assert sagemaker_calls.names() == []
 
 
@@ -158,13 +143,13 @@ def test_access_denied_names_the_denied_permission(aws, tmp_path):
                             f" sagemaker:ListEndpoints on resource: arn:aws:sagemaker:{REGION}:"
                             f"{ACCOUNT}:endpoint/* because no identity-based policy allows it")
         with pytest.raises(BackendError, match="grant sagemaker:ListEndpoints to the caller"):
-            backend.list_endpoints()
+            backend.endpoints.list()
     # S3 does not name the action: the backend names the one behind the operation.
     with Stubber(backend.aws.s3) as stubber:
         stubber.add_client_error("list_objects_v2", service_error_code="AccessDenied",
                                  service_message="Access Denied", http_status_code=403)
         with pytest.raises(BackendError, match=r"grant s3:ListBucket \(likely\)"):
-            backend.upload_data(tmp_path)
+            backend.storage.upload(tmp_path)
 
 
 def test_aws_errors_are_translated_into_actionable_messages():
@@ -209,7 +194,7 @@ def test_upload_mirrors_the_directory_and_skips_unchanged_files(aws, cifar_dir, 
     shutil.copytree(cifar_dir, data)
     backend = make_backend()
     lines: list[str] = []
-    uri = backend.upload_data(data, on_log=lines.append)
+    uri = backend.storage.upload(data, on_log=lines.append)
     assert uri == f"s3://{BUCKET}/cifar10-pipeline/data/"
     files = sorted(p.name for p in data.iterdir())
     assert aws.keys(prefix="cifar10-pipeline/data/") == [f"cifar10-pipeline/data/{f}"
@@ -218,12 +203,12 @@ def test_upload_mirrors_the_directory_and_skips_unchanged_files(aws, cifar_dir, 
     head = aws.s3.head_object(Bucket=BUCKET, Key="cifar10-pipeline/data/test_batch")
     assert len(head["Metadata"]["sha256"]) == 64
 
-    backend.upload_data(data, on_log=lines.append)
+    backend.storage.upload(data, on_log=lines.append)
     assert f"uploaded 0 files (0.0 MB), skipped {len(files)} unchanged, removed 0" in lines[1]
 
     (data / "test_batch").write_bytes(b"changed")
     (data / "batches.meta").unlink()
-    backend.upload_data(data, on_log=lines.append)
+    backend.storage.upload(data, on_log=lines.append)
     assert f"uploaded 1 files (0.0 MB), skipped {len(files) - 2} unchanged, removed 1" \
         in lines[2]
     assert "cifar10-pipeline/data/batches.meta" not in aws.keys(prefix="cifar10-pipeline/")
@@ -233,7 +218,7 @@ def test_upload_mirrors_the_directory_and_skips_unchanged_files(aws, cifar_dir, 
 
 def test_default_bucket_is_the_sagemaker_default_bucket(aws, cifar_dir):
     backend = make_backend(bucket=None)
-    uri = backend.upload_data(cifar_dir)
+    uri = backend.storage.upload(cifar_dir)
     default = f"sagemaker-{REGION}-{ACCOUNT}"  # created by the SDK session, named by account
     assert uri == f"s3://{default}/cifar10-pipeline/data/"
     assert aws.keys(bucket=default, prefix="cifar10-pipeline/data/")
@@ -292,7 +277,7 @@ def test_create_training_job_request(aws):
         stubber.add_response("describe_training_job", described_job(
             FinalMetricDataList=[{"MetricName": "test_accuracy", "Value": 0.61}],
             BillableTimeInSeconds=300), expected_params={"TrainingJobName": JOB})
-        result = backend.train(spec)
+        result = backend.jobs.run(spec)
         stubber.assert_no_pending_responses()
     # No output.tar.gz in S3: the metrics are the ones SageMaker scraped from the log.
     assert result.metrics == {"test_accuracy": 0.61}
@@ -323,18 +308,18 @@ def test_spot_training_request(aws):
             BillableTimeInSeconds=120, TrainingTimeInSeconds=400,
             ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 2,
                             "VolumeSizeInGB": 30}))
-        result = backend.train(spec)
+        result = backend.jobs.run(spec)
     assert result.billable_seconds == 240  # spot-discounted seconds x 2 instances
     with pytest.raises(ConfigurationError, match="at least the training max runtime"):
-        make_backend(use_spot=True, max_wait_minutes=10).train(spec)
+        make_backend(use_spot=True, max_wait_minutes=10).jobs.run(spec)
 
 
 def test_training_on_moto_streams_logs_reads_metrics_and_reattaches(
         aws, sagemaker_calls, sagemaker_stand_in, trained_model, cifar_dir):
     backend = make_backend()
-    data_uri = backend.upload_data(cifar_dir)
+    data_uri = backend.storage.upload(cifar_dir)
     lines: list[str] = []
-    result = backend.train(training_spec(data_uri), on_log=lines.append)
+    result = backend.jobs.run(training_spec(data_uri), on_log=lines.append)
 
     assert sagemaker_calls.names() == ["DescribeTrainingJob", "CreateTrainingJob",
                                        "DescribeTrainingJob"]
@@ -352,7 +337,7 @@ def test_training_on_moto_streams_logs_reads_metrics_and_reattaches(
     assert any(f"training job {JOB}: Completed" in line for line in lines)
 
     # A retried task re-attaches: no second job, the same result.
-    again = backend.train(training_spec(data_uri), on_log=lines.append)
+    again = backend.jobs.run(training_spec(data_uri), on_log=lines.append)
     assert sagemaker_calls.names().count("CreateTrainingJob") == 1
     assert again == result
     assert f"training job {JOB} already exists: re-attaching to it" in lines
@@ -367,7 +352,7 @@ def test_failed_job_raises_with_its_failure_reason(aws):
         stubber.add_response("describe_training_job", described_job(
             "Failed", FailureReason=reason, ModelArtifacts={"S3ModelArtifacts": ""}))
         with pytest.raises(TrainingJobFailed) as failure:
-            backend.train(training_spec())  # re-attaches to the running job, which fails
+            backend.jobs.run(training_spec())  # re-attaches to the running job, which fails
     assert failure.value.status == "Failed" and failure.value.reason == reason
     assert reason in str(failure.value)
 
@@ -387,7 +372,7 @@ def test_interrupt_stops_the_job_and_so_does_the_wait_bound(aws, monkeypatch):
         stubber.add_response("describe_training_job", in_progress)
         stubber.add_response("stop_training_job", {}, {"TrainingJobName": JOB})
         with pytest.raises(KeyboardInterrupt):
-            backend.train(training_spec())
+            backend.jobs.run(training_spec())
         stubber.assert_no_pending_responses()
 
     # The wait is bounded; past the bound it gives up on the job, and stops it.
@@ -401,7 +386,7 @@ def test_interrupt_stops_the_job_and_so_does_the_wait_bound(aws, monkeypatch):
         stubber.add_response("stop_training_job", {}, {"TrainingJobName": JOB})
         with pytest.raises(BackendError, match=r"still InProgress after \d+s, past its "
                                                 r"stopping condition.*the job was stopped"):
-            bounded.train(training_spec())
+            bounded.jobs.run(training_spec())
         stubber.assert_no_pending_responses()
 
 
@@ -437,7 +422,7 @@ def test_create_model_endpoint_config_and_endpoint_requests(aws):
             "EndpointName": JOB, "EndpointArn": ARN, "EndpointStatus": "InService",
             "CreationTime": dt.datetime.now(dt.UTC), "LastModifiedTime": dt.datetime.now(dt.UTC),
         }, {"EndpointName": JOB})
-        info = backend.deploy(spec)
+        info = backend.endpoints.deploy(spec)
         stubber.assert_no_pending_responses()
     assert info.status == "InService" and info.managed and info.instance_type == "ml.m5.large"
     # created-at is the endpoint's own creation time, not the flow run's start.
@@ -469,34 +454,34 @@ def test_failed_endpoint_reports_the_reason_and_is_cleaned_up(aws):
         stubber.add_response("delete_endpoint_config", {}, {"EndpointConfigName": JOB})
         stubber.add_response("delete_model", {}, {"ModelName": JOB})
         with pytest.raises(EndpointFailed, match="did not pass the ping health check"):
-            backend.deploy(spec)
+            backend.endpoints.deploy(spec)
         stubber.assert_no_pending_responses()
 
 
 def test_deploy_refuses_a_missing_artifact_or_an_existing_endpoint(aws, sagemaker_calls):
     backend = make_backend()
     with pytest.raises(BackendError, match="does not exist"):
-        backend.deploy(EndpointSpec(name=JOB, model_uri=f"s3://{BUCKET}/nothing.tar.gz"))
+        backend.endpoints.deploy(EndpointSpec(name=JOB, model_uri=f"s3://{BUCKET}/nothing.tar.gz"))
     assert "CreateModel" not in sagemaker_calls.names()
-    backend.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws),
-                                instance_type="ml.m5.large"))
+    backend.endpoints.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws),
+                                          instance_type="ml.m5.large"))
     from backends.base import EndpointExists
 
     with pytest.raises(EndpointExists):
-        backend.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws)))
+        backend.endpoints.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws)))
     assert aws.sagemaker_resources() == {"endpoints": [JOB], "endpoint_configs": [JOB],
                                          "models": [JOB]}
 
 
 def test_delete_is_idempotent_and_cleans_half_created_deploys(aws):
     backend = make_backend()
-    backend.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws),
-                                instance_type="ml.m5.large", tags=managed_tags("t")))
-    assert backend.describe_endpoint(JOB).status == "InService"
-    assert backend.delete_endpoint(JOB) is True
+    backend.endpoints.deploy(EndpointSpec(name=JOB, model_uri=put_model(aws),
+                                          instance_type="ml.m5.large", tags=managed_tags("t")))
+    assert backend.endpoints.describe(JOB).status == "InService"
+    assert backend.endpoints.delete(JOB) is True
     assert aws.sagemaker_resources() == {"endpoints": [], "endpoint_configs": [], "models": []}
-    assert backend.delete_endpoint(JOB) is False
-    assert backend.describe_endpoint(JOB) is None
+    assert backend.endpoints.delete(JOB) is False
+    assert backend.endpoints.describe(JOB) is None
 
     # A deploy that died after CreateEndpointConfig: no endpoint, but a config and a model.
     aws.sm.create_model(ModelName=JOB, ExecutionRoleArn=ROLE_ARN,
@@ -504,17 +489,17 @@ def test_delete_is_idempotent_and_cleans_half_created_deploys(aws):
     aws.sm.create_endpoint_config(EndpointConfigName=JOB, ProductionVariants=[{
         "VariantName": "AllTraffic", "ModelName": JOB, "InstanceType": "ml.m5.large",
         "InitialInstanceCount": 1}])
-    assert backend.delete_endpoint(JOB) is True
+    assert backend.endpoints.delete(JOB) is True
     assert aws.sagemaker_resources() == {"endpoints": [], "endpoint_configs": [], "models": []}
 
 
 def test_list_endpoints_returns_only_the_pipelines(aws):
     backend = make_backend()
-    backend.deploy(EndpointSpec(name="cifar10-mine", model_uri=put_model(aws),
-                                instance_type="ml.m5.large", tags=managed_tags("run-1")))
-    backend.deploy(EndpointSpec(name="someone-elses", model_uri=put_model(aws),
-                                instance_type="ml.m5.large", tags={"team": "other"}))
-    listed = backend.list_endpoints()
+    backend.endpoints.deploy(EndpointSpec(name="cifar10-mine", model_uri=put_model(aws),
+                                          instance_type="ml.m5.large", tags=managed_tags("run-1")))
+    backend.endpoints.deploy(EndpointSpec(name="someone-elses", model_uri=put_model(aws),
+                                          instance_type="ml.m5.large", tags={"team": "other"}))
+    listed = backend.endpoints.list()
     assert [e.name for e in listed] == ["cifar10-mine"]
     assert listed[0].tags["owner"] == "run-1" and listed[0].instance_type == "ml.m5.large"
     assert listed[0].status == "InService" and listed[0].created.tzinfo is not None
@@ -530,7 +515,7 @@ def test_stop_training_stops_only_a_running_job(aws):
         stubber.add_response("stop_training_job", {}, expected_params={"TrainingJobName": JOB})
         stubber.add_response("describe_training_job", described_job("Completed"))
         not_found(stubber, "describe_training_job", TrainingJobName="cifar10-never-was")
-        assert backend.stop_training(JOB) is True
-        assert backend.stop_training(JOB) is False
-        assert backend.stop_training("cifar10-never-was") is False
+        assert backend.jobs.stop(JOB) is True
+        assert backend.jobs.stop(JOB) is False
+        assert backend.jobs.stop("cifar10-never-was") is False
         stubber.assert_no_pending_responses()

@@ -30,7 +30,7 @@ from flows.config import AwsSettings, PipelineConfig, get_backend
 from flows.pipeline import cifar10_pipeline, resource_name, teardown_run_endpoint
 from flows.reaper import reap_endpoints_flow
 from tests.support.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN, SageMakerStandIn
-from tests.support.pipeline import FAST_HYPERPARAMETERS
+from tests.support.configs import local_config
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
@@ -122,15 +122,11 @@ def stand_in(aws, trained_model, tmp_path, monkeypatch) -> Iterator[SageMakerSta
 @pytest.mark.slow
 def test_a_run_with_a_credentials_block_signs_every_request_with_its_keys(
         no_aws_keys, key_block, signing_keys, stand_in, http_server, cifar_tarball,
-        tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path / "state"))
-    name, md5 = cifar_tarball
-    config = PipelineConfig.model_validate({
-        "backend": "aws", "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"],
-                     "batch_size": FAST_HYPERPARAMETERS["batch-size"], "learning_rate": 0.02},
-        "smoke_test": {"images": 50, "accuracy_floor": 0.0},
-        "aws": {"role_arn": ROLE_ARN, "bucket": BUCKET, "credentials_block": key_block}})
+        pipeline_home):
+    config = local_config(
+        http_server, cifar_tarball, backend="aws",
+        smoke_test={"images": 50, "accuracy_floor": 0.0},
+        aws={"role_arn": ROLE_ARN, "bucket": BUCKET, "credentials_block": key_block})
 
     state = cifar10_pipeline(config, return_state=True)
 
@@ -175,7 +171,7 @@ def test_an_assumed_role_is_assumed_with_the_block_keys_and_renewed(
     monkeypatch.setattr(AwsCredentials, "get_boto3_session", observed)
     backend = get_backend(aws_config(credentials_block=name))
     for _ in range(3):
-        backend.list_endpoints()
+        backend.endpoints.list()
 
     assert signing_keys.keys("sts") == {BLOCK_KEY}
     role_keys = [key for service, key in signing_keys.used if service == "sagemaker"]

@@ -42,8 +42,9 @@ def put_model(aws) -> str:
 
 def deployed(aws, name: str = NAME, **tags: Any) -> AwsBackend:
     b = backend()
-    b.deploy(EndpointSpec(name=name, model_uri=put_model(aws), instance_type="ml.m5.large",
-                          tags=managed_tags("prefect-flow-run/test", **tags)))
+    b.endpoints.deploy(EndpointSpec(name=name, model_uri=put_model(aws),
+                                    instance_type="ml.m5.large",
+                                    tags=managed_tags("prefect-flow-run/test", **tags)))
     return b
 
 
@@ -81,7 +82,7 @@ def creating_for(polls: int | None):
 def test_delete_waits_while_the_endpoint_is_creating_then_deletes_everything(aws, on_new_sessions):
     deployed(aws)
     on_new_sessions(creating_for(3))
-    assert backend().delete_endpoint(NAME) is True
+    assert backend().endpoints.delete(NAME) is True
     assert aws.sagemaker_resources() == {"endpoints": [], "endpoint_configs": [], "models": []}
 
 
@@ -90,7 +91,7 @@ def test_an_endpoint_that_stays_creating_is_reported_and_its_parts_still_go(aws,
     on_new_sessions(creating_for(None))
     with pytest.raises(EndpointNotDeletable, match=rf"endpoint {NAME} cannot be deleted: it is "
                        r"still Creating after \d+s.*billed.*endpoints delete"):
-        backend(delete_wait_seconds=0.2).delete_endpoint(NAME)
+        backend(delete_wait_seconds=0.2).endpoints.delete(NAME)
     # The endpoint config and the model were deleted all the same.
     assert aws.sagemaker_resources() == {"endpoints": [NAME], "endpoint_configs": [],
                                          "models": []}
@@ -102,12 +103,12 @@ def test_an_endpoint_that_stays_creating_is_reported_and_its_parts_still_go(aws,
 def test_the_reaper_leaves_kept_endpoints_and_delete_still_deletes_them(aws):
     b = deployed(aws, kept=True)
     deployed(aws, name="cifar10-notkept0000")
-    [kept] = [e for e in b.list_endpoints() if e.name == NAME]
+    [kept] = [e for e in b.endpoints.list() if e.name == NAME]
     assert kept.kept and kept.tags["kept"] == "true"
     report = reap_endpoints(b, dt.timedelta(0))
     assert report.deleted == ["cifar10-notkept0000"] and report.kept_by_user == [NAME]
-    assert b.describe_endpoint(NAME).status == "InService"
-    assert b.delete_endpoint(NAME) is True  # an explicit delete is the way to remove it
+    assert b.endpoints.describe(NAME).status == "InService"
+    assert b.endpoints.delete(NAME) is True  # an explicit delete is the way to remove it
     assert aws.sagemaker_resources()["endpoints"] == []
 
 
@@ -137,7 +138,7 @@ def first_attempt_lost(operation: str, aws):
 @pytest.mark.parametrize("operation", ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"])
 def test_a_retried_create_of_our_own_resource_is_success(aws, on_new_sessions, operation):
     on_new_sessions(first_attempt_lost(operation, aws))
-    info = deployed(aws).describe_endpoint(NAME)
+    info = deployed(aws).endpoints.describe(NAME)
     assert info is not None and info.status == "InService"
     assert aws.sagemaker_resources() == {"endpoints": [NAME], "endpoint_configs": [NAME],
                                          "models": [NAME]}
@@ -154,7 +155,8 @@ def test_an_existing_resource_of_someone_else_is_still_an_error(aws):
     b = backend()
     b.aws.sagemaker.meta.events.register("provide-client-params.sagemaker.CreateModel", already)
     with pytest.raises(BackendError, match="already existing model"):
-        b.deploy(EndpointSpec(name=NAME, model_uri=put_model(aws), tags=managed_tags("t")))
+        b.endpoints.deploy(EndpointSpec(name=NAME, model_uri=put_model(aws),
+                                        tags=managed_tags("t")))
 
 
 # -- 4. DeleteObjects answers 200 and lists what it did not delete -----------------------------
@@ -167,7 +169,7 @@ def test_stale_objects_that_were_not_deleted_fail_the_upload(aws, cifar_dir, tmp
     data = tmp_path / "data"
     shutil.copytree(cifar_dir, data)
     b = backend()
-    b.upload_data(data)
+    b.storage.upload(data)
     (data / "data_batch_2").unlink()  # now stale in S3
 
     def partly(parsed, **kwargs):
@@ -178,7 +180,7 @@ def test_stale_objects_that_were_not_deleted_fail_the_upload(aws, cifar_dir, tmp
         "after-call.s3.DeleteObjects", partly))
     with pytest.raises(BackendError, match=r"could not delete 1 stale object.*data_batch_2 "
                                            r"\(AccessDenied.*trained on"):
-        backend().upload_data(data)
+        backend().storage.upload(data)
 
 
 # -- 5. the orphan scan reads only the pipeline's names' tags ---------------------------------
@@ -189,12 +191,12 @@ def test_listing_narrows_by_name_before_reading_tags(aws, sagemaker_calls):
         aws.sm.create_model(ModelName=f"team-model-{i}", ExecutionRoleArn=ROLE_ARN,
                             PrimaryContainer={"Image": INFERENCE_IMAGE})
     b = deployed(aws)
-    b.delete_endpoint(NAME)
+    b.endpoints.delete(NAME)
     aws.sm.create_model(ModelName="cifar10-orphan000000", ExecutionRoleArn=ROLE_ARN,
                         PrimaryContainer={"Image": INFERENCE_IMAGE},
                         Tags=[{"Key": k, "Value": v} for k, v in managed_tags("t").items()])
     sagemaker_calls.calls.clear()
-    assert [o.name for o in b.list_orphans()] == ["cifar10-orphan000000"]
+    assert [o.name for o in b.endpoints.orphans()] == ["cifar10-orphan000000"]
     for operation in ("ListEndpoints", "ListEndpointConfigs", "ListModels"):
         assert sagemaker_calls.params(operation)
         assert all(p.get("NameContains") == "cifar10-" for p in sagemaker_calls.params(operation))
@@ -277,7 +279,7 @@ def test_code_is_staged_under_the_pipeline_prefix_even_when_iam_says_no(aws, on_
     spec = TrainingSpec(job_name=NAME, data_uri=f"s3://{BUCKET}/cifar10-pipeline/data/",
                         hyperparameters=dict(FAST_HYPERPARAMETERS),
                         instance_type="ml.m5.xlarge", tags=managed_tags("t"))
-    request = backend().training.build_request(spec)
+    request = backend().jobs.build_request(spec)
     code = [c for c in request["InputDataConfig"] if c["ChannelName"] in ("code", "sm_drivers")]
     uris = [c["DataSource"]["S3DataSource"]["S3Uri"] for c in code]
     assert len(uris) == 2, request["InputDataConfig"]
@@ -298,6 +300,7 @@ def test_graviton_instance_types_are_refused_with_the_way_out(aws):
     PipelineConfig.model_validate({"backend": "local",  # ignored by the local backend
                                    "endpoint": {"instance_type": "ml.c7g.large"}})
     with pytest.raises(BackendError, match="Graviton"):
-        backend().deploy(EndpointSpec(name=NAME, model_uri=put_model(aws),
-                                      instance_type="ml.m7g.xlarge", tags=managed_tags("t")))
+        backend().endpoints.deploy(EndpointSpec(name=NAME, model_uri=put_model(aws),
+                                                instance_type="ml.m7g.xlarge",
+                                                tags=managed_tags("t")))
     assert aws.sagemaker_resources()["models"] == []

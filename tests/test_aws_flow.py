@@ -11,16 +11,17 @@ import json
 import pytest
 
 from backends.aws import AwsBackend
-from flows.config import AwsSettings, PipelineConfig, SweepConfig
+from flows.config import AwsSettings
 from flows.pipeline import cifar10_pipeline, resource_name
 from flows.sweep import cifar10_sweep, point_job_name
 from tasks.lib.summary import PRICES_PER_HOUR
 from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount
+from tests.support.configs import aws_config, sweep_config
 from tests.support.iam_policies import assert_allowed_by_caller_policy
-from tests.support.pipeline import FAST_HYPERPARAMETERS
 
 pytest_plugins = ["tests.support.aws_fixtures"]
-pytestmark = pytest.mark.usefixtures("no_network")  # loopback only, for every test here
+# loopback only, and a state directory of its own, for every test here
+pytestmark = [pytest.mark.long_running, pytest.mark.usefixtures("no_network", "pipeline_home")]
 
 NOTHING = {"endpoints": [], "endpoint_configs": [], "models": []}
 # What one run asks of SageMaker, in order (the runtime's InvokeEndpoint included).
@@ -46,28 +47,6 @@ EXPECTED_CALLS = [
     "sagemaker:UpdateModelPackage",  # the gate's decision with its reason
     "sagemaker:DescribeModelPackage",  # the version as registered
 ]
-
-
-@pytest.fixture(autouse=True)
-def own_state_dir(tmp_path, monkeypatch):
-    """These runs download into a state directory of their own: the session's is left as
-    other modules expect it (test_flow checks that its first run downloads)."""
-    monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path / "state"))
-
-
-def aws_config(http_server: str, cifar_tarball: tuple[str, str], **overrides) -> PipelineConfig:
-    name, md5 = cifar_tarball
-    return PipelineConfig.model_validate({
-        "backend": "aws",
-        "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
-                     "batch_size": FAST_HYPERPARAMETERS["batch-size"],
-                     "instance_type": "ml.m5.xlarge", "max_runtime_minutes": 30},
-        "endpoint": {"instance_type": "ml.m5.large"},
-        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
-        "aws": {"region": REGION, "role_arn": ROLE_ARN, "bucket": BUCKET},
-        **overrides,
-    })
 
 
 def calls_of(recorder) -> list[str]:
@@ -146,9 +125,7 @@ def test_aws_flow_runs_every_stage_and_leaves_nothing_behind(
 def test_aws_sweep_trains_ordinary_tagged_jobs_and_hosts_only_the_winner(
         prefect_harness, http_server, cifar_tarball, aws, sagemaker_calls, request_validator,
         sagemaker_stand_in):
-    config = SweepConfig.model_validate({
-        "base": aws_config(http_server, cifar_tarball).model_dump(mode="json"),
-        "grid": {"learning_rate": [0.02, 0.03]}, "max_parallel": 2})
+    config = sweep_config(aws_config(http_server, cifar_tarball), [0.02, 0.03], max_parallel=2)
     state = cifar10_sweep(config, return_state=True)
     assert state.is_completed(), state.message
     assert request_validator.violations == []
@@ -171,7 +148,7 @@ def test_aws_sweep_trains_ordinary_tagged_jobs_and_hosts_only_the_winner(
     assert aws.sagemaker_resources() == NOTHING
     # both points registered: the winner through the gate, the other rejected
     versions = AwsBackend(region=REGION, role_arn=ROLE_ARN, bucket=BUCKET
-                          ).list_model_versions("cifar10-pipeline")
+                          ).registry.versions("cifar10-pipeline")
     assert sorted(v.training_job for v in versions) == [j["TrainingJobName"] for j in jobs]
     # cost: every job's billable seconds (moto reports none) and the winner's endpoint
     uptime = summary.endpoint.uptime_seconds
@@ -253,9 +230,9 @@ def test_reaper_on_aws_deletes_configs_and_models_a_failed_teardown_left(aws, sa
     aws.sm.delete_endpoint_config(EndpointConfigName="cifar10-model-only")
 
     backend = AwsBackend(region=REGION, role_arn=ROLE_ARN, bucket=BUCKET)
-    assert sorted(o.name for o in backend.list_orphans()) == [
+    assert sorted(o.name for o in backend.endpoints.orphans()) == [
         "cifar10-model-only", "cifar10-orphan-old", "cifar10-orphan-young"]
-    assert {o.status for o in backend.list_orphans()} == {"Orphaned"}
+    assert {o.status for o in backend.endpoints.orphans()} == {"Orphaned"}
     report = reap_endpoints(backend, dt.timedelta(hours=1))
     assert sorted(report.deleted) == ["cifar10-model-only", "cifar10-orphan-old", "cifar10-whole"]
     assert report.younger == ["cifar10-orphan-young"]

@@ -26,6 +26,7 @@ from backends.base import (
     ModelVersionSpec,
     managed_tags,
 )
+from backends.cache import cached_training
 from backends.local import LocalBackend
 from backends.local.training import JobRecord
 from tests.support.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN
@@ -107,23 +108,23 @@ def test_a_cached_model_that_s3_refuses_is_passed_over_not_a_failed_run(
     heads = HeadRecorder(refused={refused})
     on_new_sessions(heads.attach)
     backend = aws_backend()
-    backend.register_model(spec("cifar10-older", older), approve)
-    backend.register_model(spec("cifar10-refused", refused), approve)
+    backend.registry.register(spec("cifar10-older", older), approve)
+    backend.registry.register(spec("cifar10-refused", refused), approve)
 
-    with caplog.at_level(logging.INFO, logger="backends.base"):
-        cached = backend.cached_training(GROUP, KEY)
+    with caplog.at_level(logging.INFO, logger="backends.cache"):
+        cached = cached_training(backend, GROUP, KEY)
     assert cached is not None and cached.job_name == "cifar10-older"
     assert heads.heads == [refused, older]
     assert f"v2 (job cifar10-refused) has this cache key, but its model {refused} is not " \
            f"reusable: S3 refused" in caplog.text and "403" in caplog.text
     # The task's logger gets the same line through on_log.
     lines: list[str] = []
-    assert backend.cached_training(GROUP, KEY, on_log=lines.append) == cached
+    assert cached_training(backend, GROUP, KEY, on_log=lines.append) == cached
     assert len(lines) == 1 and "cifar10-refused" in lines[0] and "passed over" in lines[0]
 
     # With nothing else to reuse, the lookup finds nothing: the run trains.
     heads.refused = {refused, older}
-    assert backend.cached_training(GROUP, KEY) is None
+    assert cached_training(backend, GROUP, KEY) is None
 
 
 @pytest.mark.parametrize("where", ["another bucket", "another prefix"])
@@ -139,10 +140,10 @@ def test_the_cache_reuses_only_models_under_this_backends_bucket_and_prefix(
     heads = HeadRecorder()
     on_new_sessions(heads.attach)
     backend = aws_backend()
-    backend.register_model(spec("cifar10-theirs", theirs), approve)
+    backend.registry.register(spec("cifar10-theirs", theirs), approve)
 
-    with caplog.at_level(logging.INFO, logger="backends.base"):
-        assert backend.cached_training(GROUP, KEY) is None
+    with caplog.at_level(logging.INFO, logger="backends.cache"):
+        assert cached_training(backend, GROUP, KEY) is None
     assert heads.heads == []
     assert f"its model {theirs} is not reusable: it is outside this backend's bucket and " \
            f"prefix (s3://{BUCKET}/{PREFIX}/)" in caplog.text
@@ -152,16 +153,16 @@ def test_a_local_model_outside_the_store_is_not_reused(tmp_path, caplog):
     backend = LocalBackend(root=tmp_path / "state")
     inside = local_job(backend, "job-inside", tmp_path / "staging")
     outside = local_job(backend, "job-outside", tmp_path / "elsewhere", in_store=False)
-    backend.register_model(spec("job-inside", inside), approve)
-    backend.register_model(spec("job-outside", outside), approve)
+    backend.registry.register(spec("job-inside", inside), approve)
+    backend.registry.register(spec("job-outside", outside), approve)
 
-    with caplog.at_level(logging.INFO, logger="backends.base"):
-        cached = backend.cached_training(GROUP, KEY)
+    with caplog.at_level(logging.INFO, logger="backends.cache"):
+        cached = cached_training(backend, GROUP, KEY)
     assert cached is not None and cached.job_name == "job-inside"
     assert f"its model {outside} is not reusable: it is outside this backend's store" \
            in caplog.text
-    assert backend.why_not_reusable(inside) is None
-    assert backend.why_not_reusable("s3://bucket/model.tar.gz") == "it is not a file:// URI"
+    assert backend.storage.why_not_reusable(inside) is None
+    assert backend.storage.why_not_reusable("s3://bucket/model.tar.gz") == "it is not a file:// URI"
 
 
 def local_job(backend: LocalBackend, name: str, where: Path, in_store: bool = True) -> str:
@@ -170,7 +171,7 @@ def local_job(backend: LocalBackend, name: str, where: Path, in_store: bool = Tr
     where.mkdir(parents=True, exist_ok=True)
     model = where / f"{name}.tar.gz"
     model.write_bytes(b"model " + name.encode())
-    uri = (backend.store.put_file(model, f"training-jobs/{name}/output/model.tar.gz")
+    uri = (backend.storage.put_file(model, f"training-jobs/{name}/output/model.tar.gz")
            if in_store else model.resolve().as_uri())
     backend.jobs.job_dir(name).mkdir(parents=True, exist_ok=True)
     backend.jobs._save(JobRecord(
@@ -213,11 +214,11 @@ def test_a_group_created_meanwhile_is_used_and_the_model_registered(
     on_new_sessions(created_meanwhile(aws, code, ALREADY_EXISTS[code]))
     backend = aws_backend()
 
-    registration = backend.register_model(
+    registration = backend.registry.register(
         spec("cifar10-job", f"s3://{BUCKET}/{PREFIX}/m/model.tar.gz"), approve)
 
     assert (registration.version.version, registration.version.status) == (1, APPROVED)
-    assert [v.training_job for v in backend.list_model_versions(GROUP)] == ["cifar10-job"]
+    assert [v.training_job for v in backend.registry.versions(GROUP)] == ["cifar10-job"]
 
 
 def test_already_exists_without_a_group_and_other_refusals_are_still_errors(
@@ -251,9 +252,9 @@ def test_a_cached_models_new_version_leaves_the_earlier_versions_report_alone(aw
     the earlier version's registered statistics must not change."""
     backend = aws_backend()
     model = f"s3://{BUCKET}/{PREFIX}/training-jobs/cifar10-job/output/model.tar.gz"
-    first = backend.register_model(spec("cifar10-job", model, 0.51, run="run-1"), approve)
-    second = backend.register_model(spec("cifar10-job", model, 0.49, run="run-2"),
-                                    lambda champion: (REJECTED, "test"))
+    first = backend.registry.register(spec("cifar10-job", model, 0.51, run="run-1"), approve)
+    second = backend.registry.register(spec("cifar10-job", model, 0.49, run="run-2"),
+                                       lambda champion: (REJECTED, "test"))
 
     first_uri, first_report = report_of(aws, first.version.arn)
     second_uri, second_report = report_of(aws, second.version.arn)
@@ -279,8 +280,8 @@ def test_a_report_key_that_is_taken_is_never_overwritten(aws, no_network, report
     backend = aws_backend()
     model = f"s3://{BUCKET}/{PREFIX}/training-jobs/cifar10-job/output/model.tar.gz"
     report_ids += ["clash", "clash", "fresh"]
-    first = backend.register_model(spec("cifar10-job", model, 0.51), approve)
-    second = backend.register_model(spec("cifar10-job", model, 0.49), approve)
+    first = backend.registry.register(spec("cifar10-job", model, 0.51), approve)
+    second = backend.registry.register(spec("cifar10-job", model, 0.49), approve)
 
     first_uri, first_report = report_of(aws, first.version.arn)
     second_uri, second_report = report_of(aws, second.version.arn)
@@ -289,7 +290,7 @@ def test_a_report_key_that_is_taken_is_never_overwritten(aws, no_network, report
     assert second_report["metrics"] == {"test_accuracy": 0.49}
     report_ids += ["clash", "clash", "clash"]
     with pytest.raises(BackendError, match="every key tried was taken"):
-        backend.register_model(spec("cifar10-job", model, 0.3), approve)
+        backend.registry.register(spec("cifar10-job", model, 0.3), approve)
 
 
 # -- 9. an approval by hand of a version registered outside the pipeline ---------------------
@@ -308,7 +309,7 @@ def test_approving_a_version_without_metadata_sends_no_empty_map(
             "SupportedResponseMIMETypes": ["application/json"]})
     backend = aws_backend()
 
-    approved = backend.set_model_status(GROUP, 1, APPROVED, "checked by hand")
+    approved = backend.registry.set_status(GROUP, 1, APPROVED, "checked by hand")
 
     assert (approved.status, approved.reason) == (APPROVED, "checked by hand")
     [update] = sagemaker_calls.params("UpdateModelPackage")

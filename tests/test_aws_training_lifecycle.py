@@ -9,7 +9,6 @@ backend makes (a renewed session included); what is not scripted goes to moto's 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -32,16 +31,15 @@ from backends.base import (
     managed_tags,
 )
 from backends.job_names import MAX_NAME_LENGTH, retry_name
-from flows.config import PipelineConfig, SweepConfig
 from flows.pipeline import cifar10_pipeline, resource_name
 from flows.sweep import cifar10_sweep, point_job_name
-from tests.support.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE
+from tests.support.aws_fakes import ACCOUNT, BUCKET, JOB, REGION, ROLE_ARN, described_job
+from tests.support.configs import aws_config, sweep_config
 from tests.support.pipeline import FAST_HYPERPARAMETERS
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = pytest.mark.usefixtures("no_network")
 
-JOB = "cifar10-0123456789ab"
 JOB_ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{JOB}"
 URL = f"https://api.sagemaker.{REGION}.amazonaws.com"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's TrainingJobName
@@ -115,18 +113,9 @@ def scripted(on_new_sessions) -> Callable[[Script], ScriptedSageMaker]:
 
 
 def described(status: str, name: str = JOB, **extra: Any) -> dict[str, Any]:
-    return {
-        "TrainingJobName": name, "TrainingJobArn": JOB_ARN.replace(JOB, name),
-        "TrainingJobStatus": status, "SecondaryStatus": status,
-        "AlgorithmSpecification": {"TrainingImage": TRAINING_IMAGE, "TrainingInputMode": "File"},
-        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1,
-                           "VolumeSizeInGB": 30},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 1800},
-        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{BUCKET}/cifar10-pipeline/training-jobs/"
-                                               f"{name}/output/model.tar.gz"},
-        "FinalMetricDataList": [{"MetricName": "test_accuracy", "Value": 0.6}],
-        "CreationTime": dt.datetime.now(dt.UTC), **extra,
-    }
+    """A job's answer with the final metric that the flow reads."""
+    return described_job(status, name, **{
+        "FinalMetricDataList": [{"MetricName": "test_accuracy", "Value": 0.6}], **extra})
 
 
 def describing(answers: list[Any], stop: Any = None) -> Script:
@@ -184,7 +173,7 @@ def test_transient_faults_while_waiting_reattach_and_the_job_completes(aws, scri
         AwsError("ServiceUnavailable", "try later", status=503),
         described("InProgress"), described("Completed")]))
     lines: list[str] = []
-    result = make_backend().train(spec(), on_log=lines.append)
+    result = make_backend().jobs.run(spec(), on_log=lines.append)
     assert result.job_name == JOB and result.status == "Completed"
     assert fake.named("StopTrainingJob") == []
     assert sum("re-attaching in" in line for line in lines) == 3, lines
@@ -197,7 +186,7 @@ def test_expired_credentials_while_waiting_get_a_fresh_session(aws, scripted):
                                                                     "is expired"),
         described("Completed")]))
     lines: list[str] = []
-    result = make_backend().train(spec(), on_log=lines.append)
+    result = make_backend().jobs.run(spec(), on_log=lines.append)
     assert result.status == "Completed"
     assert fake.sessions == 2  # the credential chain was read again
     assert any("with a fresh AWS session" in line for line in lines), lines
@@ -214,7 +203,7 @@ def test_giving_up_on_a_job_stops_it_and_says_so(aws, scripted, fault, error, me
     run, or a sweep point marked Failed, leaves nothing billing."""
     fake = scripted(describing([described("InProgress"), fault]))
     with pytest.raises(error, match=message) as failure:
-        make_backend().train(spec())
+        make_backend().jobs.run(spec())
     assert "the job was stopped so it stops billing" in str(failure.value)
     assert fake.named("StopTrainingJob") == [{"TrainingJobName": JOB}]
 
@@ -223,7 +212,7 @@ def test_a_job_that_cannot_be_stopped_either_is_reported_as_still_billing(aws, s
     fake = scripted(describing([described("InProgress"), denied()],
                                stop=EndpointConnectionError(endpoint_url=URL)))
     with pytest.raises(ConfigurationError) as failure:
-        make_backend().train(spec())
+        make_backend().jobs.run(spec())
     said = str(failure.value)
     assert "may still be running and billing" in said
     assert f"aws sagemaker stop-training-job --training-job-name {JOB}" in said
@@ -254,7 +243,7 @@ def test_a_quota_refusal_waits_for_room_then_trains(aws, scripted):
     """The quota is in use by other jobs (1 of 1 instance): asking again once one ends works."""
     fake = scripted(creating([quota_refusal(1, 1), quota_refusal(1, 1)]))
     lines: list[str] = []
-    result = make_backend().train(spec(), on_log=lines.append)
+    result = make_backend().jobs.run(spec(), on_log=lines.append)
     assert result.status == "Completed" and result.quota_wait_seconds > 0
     assert len(fake.named("CreateTrainingJob")) == 3
     assert sum("quota is in use" in line for line in lines) == 2, lines
@@ -263,7 +252,7 @@ def test_a_quota_refusal_waits_for_room_then_trains(aws, scripted):
 def test_a_job_the_quota_can_never_fit_fails_at_once_saying_how_to_raise_it(aws, scripted):
     fake = scripted(creating([quota_refusal(0, 0)] * 5))
     with pytest.raises(QuotaExceeded) as failure:
-        make_backend().train(spec())
+        make_backend().jobs.run(spec())
     said = str(failure.value)
     assert "waiting cannot help" in said
     assert "the AWS account's SageMaker quota 'ml.m5.xlarge for training job usage'" in said
@@ -276,7 +265,7 @@ def test_waiting_for_the_quota_has_a_deadline(aws, scripted):
     started = time.monotonic()
     with pytest.raises(QuotaExceeded, match=r"waited \d+s for other jobs to make room "
                                             r"\(quota_wait_seconds 1\)") as failure:
-        make_backend(quota_wait_seconds=1.0, poll_seconds=0.05).train(spec())
+        make_backend(quota_wait_seconds=1.0, poll_seconds=0.05).jobs.run(spec())
     assert time.monotonic() - started < 10
     assert 0 < failure.value.waited_seconds <= 1.0
     assert len(fake.named("CreateTrainingJob")) > 2
@@ -316,7 +305,7 @@ def test_a_failed_or_stopped_job_trains_again_under_the_next_free_name(aws, scri
     fake = scripted(script)
     lines: list[str] = []
     backend = make_backend(use_spot=True)
-    result = backend.train(spec(), on_log=lines.append)
+    result = backend.jobs.run(spec(), on_log=lines.append)
     created = fake.named("CreateTrainingJob")
     assert [r["TrainingJobName"] for r in created] == [f"{JOB}-r2"]
     assert created[0]["CheckpointConfig"]["S3Uri"] == (
@@ -325,35 +314,15 @@ def test_a_failed_or_stopped_job_trains_again_under_the_next_free_name(aws, scri
     assert any(f"training again as {JOB}-r2" in line for line in lines), lines
 
     # A retry now re-attaches to the completed job, and a stop reaches a running one.
-    assert backend.train(spec()).job_name == f"{JOB}-r2"
+    assert backend.jobs.run(spec()).job_name == f"{JOB}-r2"
     assert len(fake.named("CreateTrainingJob")) == 1
     jobs[f"{JOB}-r2"] = "InProgress"
-    assert backend.stop_training(JOB) is True
+    assert backend.jobs.stop(JOB) is True
     assert fake.named("StopTrainingJob") == [{"TrainingJobName": f"{JOB}-r2"}]
 
 
-@pytest.fixture
-def state_home(tmp_path, monkeypatch):
-    """These runs download into a state directory of their own."""
-    monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path / "state"))
-
-
-def aws_config(http_server: str, cifar_tarball: tuple[str, str]) -> PipelineConfig:
-    name, md5 = cifar_tarball
-    return PipelineConfig.model_validate({
-        "backend": "aws",
-        "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
-                     "batch_size": FAST_HYPERPARAMETERS["batch-size"],
-                     "instance_type": "ml.m5.xlarge", "max_runtime_minutes": 30},
-        "endpoint": {"instance_type": "ml.m5.large"},
-        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
-        "aws": {"region": REGION, "role_arn": ROLE_ARN, "bucket": BUCKET},
-    })
-
-
 def test_a_flow_run_whose_job_failed_trains_hosts_and_registers_under_the_next_name(
-        prefect_harness, state_home, http_server, cifar_tarball, aws, sagemaker_stand_in,
+        prefect_harness, pipeline_home, http_server, cifar_tarball, aws, sagemaker_stand_in,
         scripted):
     """The run's own name is taken by a Failed job (as after a spot-capacity failure, when
     the flow run is retried): the run trains as {name}-r1, and the endpoint (the run's name),
@@ -374,7 +343,7 @@ def test_a_flow_run_whose_job_failed_trains_hosts_and_registers_under_the_next_n
     assert summary.training.job_name == f"{name}-r1"
     assert sagemaker_stand_in.trained == [f"{name}-r1"]
     assert summary.endpoint.name == name and sagemaker_stand_in.served == [name]
-    versions = make_backend().list_model_versions("cifar10-pipeline")
+    versions = make_backend().registry.versions("cifar10-pipeline")
     assert [v.training_job for v in versions] == [f"{name}-r1"]
 
 
@@ -382,7 +351,7 @@ def test_a_flow_run_whose_job_failed_trains_hosts_and_registers_under_the_next_n
 
 
 def test_a_sweep_waits_for_the_quota_and_stops_the_job_of_a_point_it_gives_up_on(
-        prefect_harness, state_home, http_server, cifar_tarball, aws, sagemaker_stand_in,
+        prefect_harness, pipeline_home, http_server, cifar_tarball, aws, sagemaker_stand_in,
         scripted, monkeypatch):
     import backends.aws.training
 
@@ -399,9 +368,7 @@ def test_a_sweep_waits_for_the_quota_and_stops_the_job_of_a_point_it_gives_up_on
         return PASS
 
     fake = scripted(script)
-    config = SweepConfig.model_validate({
-        "base": aws_config(http_server, cifar_tarball).model_dump(mode="json"),
-        "grid": {"learning_rate": [0.02, 0.03]}, "max_parallel": 2})
+    config = sweep_config(aws_config(http_server, cifar_tarball), [0.02, 0.03], max_parallel=2)
     state = cifar10_sweep(config, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -455,7 +422,7 @@ def test_concurrent_trainer_builds_never_let_the_sdk_validate_the_role(aws, monk
 
     def build(name: str, done: threading.Event | None) -> None:
         try:
-            backend.training.build_request(spec(f"{JOB}-{name}"))
+            backend.jobs.build_request(spec(f"{JOB}-{name}"))
         except BaseException as e:
             failures.append(e)
         finally:

@@ -164,10 +164,10 @@ def test_malformed_batches_fail_the_training_job_with_a_clear_reason(local_backe
         batch_dir = make_cifar_dir(tmp_path / f"batches-{i}", train_batches=1, per_batch=20,
                                    test=10)
         damage(batch_dir)
-        uri = local_backend.store.upload_dir(batch_dir, f"bad-data-{i}").uri
+        uri = local_backend.storage.upload_dir(batch_dir, f"bad-data-{i}").uri
         with pytest.raises(TrainingJobFailed) as err:
-            local_backend.train(TrainingSpec(job_name=f"bad-data-{i}", data_uri=uri,
-                                             hyperparameters=FAST_HYPERPARAMETERS))
+            local_backend.jobs.run(TrainingSpec(job_name=f"bad-data-{i}", data_uri=uri,
+                                                hyperparameters=FAST_HYPERPARAMETERS))
         reason = re.sub(r"/\S+/", ".../", err.value.reason.splitlines()[0])  # paths shortened
         table.add(dict(zip(table.columns, [label, err.value.status, reason[:90]], strict=True)))
         assert err.value.status == "Failed"

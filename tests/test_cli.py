@@ -48,12 +48,12 @@ def test_epochs_reach_the_entry_script_as_written(epochs, passed):
     assert type(hyperparameters.get("epochs")) is type(passed)
 
 
-def test_endpoint_commands_list_delete_and_reap(model_uri):
+def test_endpoint_commands_list_delete_and_reap(model_uri, pipeline_home):
     backend = LocalBackend()
     names = ("cli-old", "cli-young", "cli-kept")
     for name in names:
-        backend.deploy(EndpointSpec(name=name, model_uri=model_uri,
-                                    tags=managed_tags("pytest", kept=name == "cli-kept")))
+        backend.endpoints.deploy(EndpointSpec(name=name, model_uri=model_uri,
+                                              tags=managed_tags("pytest", kept=name == "cli-kept")))
     try:
         listed = json.loads(runner.invoke(app, ["endpoints", "list", "--json"]).stdout)
         assert {row["name"] for row in listed} >= set(names)
@@ -65,7 +65,7 @@ def test_endpoint_commands_list_delete_and_reap(model_uri):
 
         dry = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s", "--dry-run"])
         assert "would delete cli-old" in dry.stdout and "cli-kept" not in dry.stdout
-        assert backend.describe_endpoint("cli-old") is not None
+        assert backend.endpoints.describe("cli-old") is not None
 
         assert "cli-old: deleted" in runner.invoke(app, ["endpoints", "delete", "cli-old"]).stdout
         again = runner.invoke(app, ["endpoints", "delete", "cli-old"])
@@ -76,13 +76,13 @@ def test_endpoint_commands_list_delete_and_reap(model_uri):
         reaped = runner.invoke(app, ["endpoints", "reap", "--older-than", "0s"])
         assert "deleted cli-young" in reaped.stdout
         # A kept endpoint outlives any TTL; deleting it by name still works.
-        assert [e.name for e in backend.list_endpoints()] == ["cli-kept"]
+        assert [e.name for e in backend.endpoints.list()] == ["cli-kept"]
         assert "cli-kept: deleted" in runner.invoke(
             app, ["endpoints", "delete", "cli-kept"]).stdout
-        assert backend.list_endpoints() == []
+        assert backend.endpoints.list() == []
     finally:
         for name in names:
-            backend.delete_endpoint(name)
+            backend.endpoints.delete(name)
 
 
 def test_durations():
@@ -98,11 +98,11 @@ def test_the_cli_and_make_run_share_the_checkouts_state(monkeypatch, tmp_path):
     CIFAR10_PIPELINE_HOME to the checkout's .state/) registered."""
     from backends import settings
 
-    monkeypatch.delenv(settings.STATE_DIR_ENV)
+    monkeypatch.delenv(settings.STATE_DIR_ENV, raising=False)
     assert settings.state_dir() == settings.PROJECT_ROOT / ".state"
     monkeypatch.setenv(settings.STATE_DIR_ENV, str(tmp_path))
     assert settings.state_dir() == tmp_path.resolve()
-    monkeypatch.delenv(settings.STATE_DIR_ENV)
+    monkeypatch.delenv(settings.STATE_DIR_ENV, raising=False)
     monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path)  # an installed package
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert settings.state_dir() == (tmp_path / "home" / ".cifar10-pipeline").resolve()

@@ -25,8 +25,10 @@ from backends.base import (
     TrainingResult,
     managed_tags,
 )
+from backends.cache import cached_training
 from backends.files import atomic_copy, atomic_write_text
 from backends.local import LocalBackend
+from backends.local.endpoints import EndpointRecord, LocalEndpoints
 from backends.reaper import reap_endpoints
 from flows.cli import app
 from tasks import registry as registry_task
@@ -118,17 +120,17 @@ def test_a_damaged_version_is_skipped_and_the_next_registration_works(tmp_path, 
     damage(version_file(tmp_path, 2), kind)
 
     with caplog.at_level(logging.WARNING):
-        assert [v.version for v in backend.list_model_versions(GROUP)] == [1]
+        assert [v.version for v in backend.registry.versions(GROUP)] == [1]
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert str(version_file(tmp_path, 2)) in warning and "move it aside or delete it" in warning
     # The training cache lookup of the next run's fit task goes through the same reader.
-    assert backend.cached_training(GROUP, "key-job-1") is None  # its job is gone: no error
+    assert cached_training(backend, GROUP, "key-job-1") is None  # its job is gone: no error
     # The next run registers, measured against the readable champion, with a new number.
     third = register(backend, trained("job-3", 0.52))
     assert (third.version, third.status, third.champion_before) == (3, APPROVED, 1)
     # A hand decision on the damaged version says what is wrong and what to do.
     with pytest.raises(BackendError, match=r"unreadable.*move it aside or delete it"):
-        backend.set_model_status(GROUP, 2, APPROVED, "by hand")
+        backend.registry.set_status(GROUP, 2, APPROVED, "by hand")
     # And `models list` lists the rest.
     monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path))
     listed = CliRunner().invoke(app, ["models", "list", "--json"])
@@ -136,16 +138,17 @@ def test_a_damaged_version_is_skipped_and_the_next_registration_works(tmp_path, 
     assert [row["version"] for row in json.loads(listed.stdout)] == [1, 3]
 
 
-def test_the_cache_lookup_survives_a_damaged_version(local_backend, model_uri):
+def test_the_cache_lookup_survives_a_damaged_version(local_backend, session_training):
     """A cached training is still found beside a damaged version (the real model artifact and
     training job of the session)."""
     group = "crash-safe-cache"
-    register(local_backend, trained("session-model", 0.5, model_uri=model_uri), group=group,
+    register(local_backend, trained(session_training.job_name, 0.5,
+                                    model_uri=session_training.model_uri), group=group,
              cache_key="the-key")
     register(local_backend, trained("other-job", 0.4), group=group)
     damage(version_file(local_backend.root, 2, group), "truncated")
-    cached = local_backend.cached_training(group, "the-key")
-    assert cached is not None and cached.model_uri == model_uri
+    cached = cached_training(local_backend, group, "the-key")
+    assert cached is not None and cached.model_uri == session_training.model_uri
 
 
 @pytest.mark.parametrize("loss", ["deleted", "truncated"])
@@ -172,15 +175,15 @@ def test_two_concurrent_registrations_are_decided_one_after_the_other(tmp_path, 
     B must wait and be measured against A, not against v1."""
     register(LocalBackend(root=tmp_path), trained("job-1", 0.50))
     a_deciding = threading.Event()
-    real_decide = registry_task.decide
+    real_verdict = registry_task.verdict
 
-    def slow_decide(test_accuracy, *args, **kwargs):
+    def slow_verdict(test_accuracy, *args, **kwargs):
         if test_accuracy == 0.60:
             a_deciding.set()
             time.sleep(0.5)  # a slow moment between reading the champion and writing
-        return real_decide(test_accuracy, *args, **kwargs)
+        return real_verdict(test_accuracy, *args, **kwargs)
 
-    monkeypatch.setattr(registry_task, "decide", slow_decide)
+    monkeypatch.setattr(registry_task, "verdict", slow_verdict)
     results = {}
 
     def run(name: str, accuracy: float) -> None:
@@ -206,7 +209,7 @@ def test_a_cached_model_already_registered_is_not_registered_again(tmp_path):
     backend = LocalBackend(root=tmp_path)
     first = register(backend, trained("job-1", 0.55))
     again = register(backend, trained("job-2", 0.55, cached_from="job-1"))
-    assert [v.version for v in backend.list_model_versions(GROUP)] == [1]
+    assert [v.version for v in backend.registry.versions(GROUP)] == [1]
     assert (again.version, again.status, again.reused) == (1, first.status, True)
     assert "v1" in again.line() and "already registered" in again.line()
     # Not cached (a new training that happens to write the same path): registered.
@@ -234,12 +237,10 @@ def make_record(backend: LocalBackend, name: str, kept: bool = False,
                 hours_old: float = 3) -> Path:
     """An endpoint record as deploy writes it (no server behind it)."""
     created = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours_old)
-    backend.endpoints.records.create({
-        "name": name, "status": "InService", "model_uri": "file:///m.tar.gz",
-        "model_path": "/m.tar.gz", "environment": {}, "instance_type": "local",
-        "instance_count": 1, "tags": managed_tags("pytest", created, kept=kept),
-        "created": created.isoformat(), "pid": None, "pid_start": None, "host": None,
-        "port": None, "failure_reason": None})
+    backend.endpoints.records.create(EndpointRecord(
+        name=name, status="InService", created=created.isoformat(),
+        model_uri="file:///m.tar.gz", model_path="/m.tar.gz",
+        tags=managed_tags("pytest", created, kept=kept)))
     return backend.endpoints.records.endpoint_dir(name) / "record.json"
 
 
@@ -251,7 +252,7 @@ def test_a_damaged_endpoint_record_is_listed_and_reaped(tmp_path, kind, monkeypa
     damage(bad, kind)
 
     with caplog.at_level(logging.WARNING):
-        listed = {e.name: e.status for e in backend.list_endpoints()}
+        listed = {e.name: e.status for e in backend.endpoints.list()}
     assert listed == {"cifar10-good": "InService", "cifar10-bad": "Unknown"}
     assert str(bad) in caplog.text and "move it aside or delete it" in caplog.text
     monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path))
@@ -276,7 +277,7 @@ def test_a_damaged_endpoint_record_can_be_deleted_by_name(tmp_path, monkeypatch)
     monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path))
     deleted = CliRunner().invoke(app, ["endpoints", "delete", "cifar10-bad"])
     assert deleted.exit_code == 0 and "cifar10-bad: deleted" in deleted.stdout
-    assert backend.describe_endpoint("cifar10-bad") is None
+    assert backend.endpoints.describe("cifar10-bad") is None
     assert not (tmp_path / "endpoints" / "cifar10-bad").exists()
 
 
@@ -296,14 +297,14 @@ def test_the_reaper_goes_on_past_an_endpoint_it_cannot_delete(tmp_path, monkeypa
     backend = LocalBackend(root=tmp_path)
     for name in ("cifar10-a", "cifar10-stuck", "cifar10-z"):
         make_record(backend, name)
-    real_delete = LocalBackend.delete_endpoint
+    real_delete = LocalEndpoints.delete
 
     def delete(self, name: str) -> bool:
         if name == "cifar10-stuck":
             raise BackendError("endpoint cifar10-stuck is Updating")
         return real_delete(self, name)
 
-    monkeypatch.setattr(LocalBackend, "delete_endpoint", delete)
+    monkeypatch.setattr(LocalEndpoints, "delete", delete)
     report = reap_endpoints(backend, dt.timedelta(hours=1))
     assert report.deleted == ["cifar10-a", "cifar10-z"]
     assert report.errors == ["cifar10-stuck: BackendError: endpoint cifar10-stuck is Updating"]
@@ -320,7 +321,7 @@ def test_the_reaper_goes_on_past_an_endpoint_it_cannot_delete(tmp_path, monkeypa
     make_record(backend, "cifar10-c")
     with pytest.raises(ReapIncomplete, match="cifar10-stuck"):
         reap_endpoints_flow.fn(backend="local", older_than_minutes=60)
-    assert {e.name for e in backend.list_endpoints()} == {"cifar10-stuck"}
+    assert {e.name for e in backend.endpoints.list()} == {"cifar10-stuck"}
 
 
 def test_endpoint_record_updates_from_two_processes_lose_nothing(tmp_path):
@@ -329,7 +330,8 @@ def test_endpoint_record_updates_from_two_processes_lose_nothing(tmp_path):
     from backends.local.endpoints import EndpointRecords
 
     records = EndpointRecords(tmp_path / "endpoints")
-    records.create({"name": "ep", "status": "Creating"})
+    records.create(EndpointRecord(name="ep", status="Creating", created=dt.datetime.now(
+        dt.UTC).isoformat()))
     writers, rounds = 4, 25
 
     def writer(index: int) -> None:
@@ -343,5 +345,5 @@ def test_endpoint_record_updates_from_two_processes_lose_nothing(tmp_path):
         thread.join()
     record = records.read("ep")
     assert record is not None
-    written = {key for key in record if key.startswith("writer-")}
+    written = {key for key in record.to_json() if key.startswith("writer-")}
     assert len(written) == writers * rounds, f"{writers * rounds - len(written)} updates lost"

@@ -39,7 +39,10 @@ from deployments.definitions import (
 )
 from flows.config import PipelineConfig
 from tests.support import live
-from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
+from tests.support.configs import local_config
+from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of
+
+pytestmark = pytest.mark.long_running
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 # A zone without daylight saving and with a half-hour offset: proves the schedule is read in
@@ -370,7 +373,7 @@ def deployment_runs(deployed, failure_notice, http_server, cifar_tarball, tmp_pa
     """A good run, one that bypasses the API's parameter check (a client may ask for that)
     and a dry run of the reaper, executed side by side by one runner in subprocesses (the
     failure notice is installed first)."""
-    good = {"config": config_for(http_server, cifar_tarball).model_dump(mode="json")}
+    good = {"config": local_config(http_server, cifar_tarball).model_dump(mode="json")}
     bad = {"config": {**good["config"], "training": {"epochs": 0}}}
     with api() as client:
         created = [client.post(f"/deployments/{deployed[deployment]}/create_flow_run",

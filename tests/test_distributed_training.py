@@ -16,6 +16,8 @@ import pytest
 from backends.local.processes import free_port
 from tests.support.pipeline import ENTRY_SCRIPT, sagemaker_env
 
+pytestmark = pytest.mark.long_running
+
 HOSTS = ["algo-1", "algo-2"]
 # fp32: the comparison with one host is then exact up to the order of floating-point sums.
 ARGS = ["--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--seed", "3",
@@ -213,11 +215,11 @@ def test_a_local_two_host_job_listens_on_loopback_only(local_backend, cifar_dir)
     from backends.base import TrainingSpec
     from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
 
-    spec = TrainingSpec(job_name="listening-two-hosts", data_uri=local_backend.upload_data(
+    spec = TrainingSpec(job_name="listening-two-hosts", data_uri=local_backend.storage.upload(
         cifar_dir), hyperparameters=FAST_HYPERPARAMETERS, instance_count=2)
     job_dir = local_backend.jobs.job_dir(spec.job_name)
     lines: list[str] = []
-    job = threading.Thread(target=local_backend.train, args=(spec, lines.append))
+    job = threading.Thread(target=local_backend.jobs.run, args=(spec, lines.append))
     job.start()
     listening: dict[int, set[str]] = {}
     while job.is_alive():

@@ -26,6 +26,8 @@ from tests.support.http_client import Client, rss_bytes
 from tests.support.reporting import report_table
 from tests.support.synthetic import npy
 
+pytestmark = pytest.mark.long_running
+
 FUZZ_CASES = 400
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "8"))
 NPY, JSON = "application/x-npy", "application/json"

@@ -30,6 +30,8 @@ import train
 
 sys.path.remove(str(MODEL_SRC))
 
+pytestmark = pytest.mark.long_running
+
 
 def train_and_read_metrics(root: Path, data_dir: Path, args: list[str]):
     """Runs a training that must succeed, with /opt/ml at ``root``: its result and metrics."""

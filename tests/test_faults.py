@@ -20,21 +20,18 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from backends.aws import AwsBackend
-from backends.base import Backend
+from backends.aws.hosting import AwsEndpoints
+from backends.base import Endpoints
 from backends.local import LocalBackend
+from backends.local.endpoints import LocalEndpoints
+from backends.local.training import LocalTrainingJobs
 from backends.reaper import reap_endpoints
 from flows.config import PipelineConfig, get_backend
 from flows.pipeline import EndpointNotDeleted, cifar10_pipeline, resource_name
-from tests.support.faults import (
-    NOT_APPLICABLE,
-    aws_config,
-    aws_leaks,
-    fault_table,
-    local_config,
-    local_leaks,
-    short,
-)
+from tests.support.configs import aws_config, local_config
+from tests.support.faults import NOT_APPLICABLE, aws_leaks, fault_table, local_leaks, short
+
+pytestmark = pytest.mark.long_running
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 
@@ -53,7 +50,7 @@ class Injection:
 class Fault:
     id: str
     scenario: str  # as the summary table shows it
-    inject: Callable[[pytest.MonkeyPatch, type[Backend], Injection], None]
+    inject: Callable[[pytest.MonkeyPatch, type[Endpoints], Injection], None]
     state: str  # the run's expected final state
     cause: type[BaseException] | None  # what state.result() raises
     message: str  # must appear in the final state's message
@@ -63,17 +60,17 @@ class Fault:
 
 # --- the injections: each wraps a real step, so everything up to the fault really happens ---
 
-def deploy_then_fail(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
-    original = backend.deploy
+def deploy_then_fail(mp: pytest.MonkeyPatch, endpoints: type[Endpoints], injection: Injection):
+    original = endpoints.deploy
 
     def deploy(self, spec, on_log=None):
         injection.created.append(original(self, spec, on_log))
         raise TimeoutError("injected: endpoint created, then the wait timed out")
 
-    mp.setattr(backend, "deploy", deploy)
+    mp.setattr(endpoints, "deploy", deploy)
 
 
-def smoke_requests_fail(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
+def smoke_requests_fail(mp: pytest.MonkeyPatch, endpoints: type[Endpoints], injection: Injection):
     import tasks.endpoint
 
     def broken(*args, **kwargs):
@@ -84,20 +81,20 @@ def smoke_requests_fail(mp: pytest.MonkeyPatch, backend: type[Backend], injectio
 
 
 def delete_fails(error: Callable[[], Exception], times: int | None = None):
-    """Backend.delete_endpoint raises ``error()`` on its first ``times`` calls (None: on every
+    """Endpoints.delete raises ``error()`` on its first ``times`` calls (None: on every
     call while the injection is active), then deletes."""
 
-    def inject(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
-        original = backend.delete_endpoint
+    def inject(mp: pytest.MonkeyPatch, endpoints: type[Endpoints], injection: Injection):
+        original = endpoints.delete
 
-        def delete_endpoint(self, name):
+        def delete(self, name):
             if injection.active:
                 injection.calls += 1
                 if times is None or injection.calls <= times:
                     raise error()
             return original(self, name)
 
-        mp.setattr(backend, "delete_endpoint", delete_endpoint)
+        mp.setattr(endpoints, "delete", delete)
 
     return inject
 
@@ -110,19 +107,19 @@ def without_retry_delays(mp: pytest.MonkeyPatch) -> None:
                flows.pipeline.delete_endpoint.with_options(retry_delay_seconds=0))
 
 
-def smoke_and_delete_fail(mp: pytest.MonkeyPatch, backend: type[Backend],
+def smoke_and_delete_fail(mp: pytest.MonkeyPatch, endpoints: type[Endpoints],
                           injection: Injection):
-    smoke_requests_fail(mp, backend, Injection())
-    delete_fails(lambda: PermissionError("injected: access denied"))(mp, backend, injection)
+    smoke_requests_fail(mp, endpoints, Injection())
+    delete_fails(lambda: PermissionError("injected: access denied"))(mp, endpoints, injection)
 
 
-def publish_summary_fails(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
-    import tasks.summary
+def publish_summary_fails(mp: pytest.MonkeyPatch, endpoints: type[Endpoints], injection: Injection):
+    import tasks.run_summary
 
     def broken(*args, **kwargs):
         raise OSError("injected: the artifact store is down")
 
-    mp.setattr(tasks.summary, "publish_markdown", broken)
+    mp.setattr(tasks.run_summary, "publish_markdown", broken)
 
 
 def attempts(expected: int) -> Callable[[Injection], None]:
@@ -163,12 +160,12 @@ FAULTS = [
 ]
 
 
-def run_with_fault(fault: Fault, backend_cls: type[Backend], config: PipelineConfig,
+def run_with_fault(fault: Fault, endpoints_cls: type[Endpoints], config: PipelineConfig,
                    monkeypatch: pytest.MonkeyPatch):
     """Runs the flow with ``fault`` injected; returns (state, injection, reaper report)."""
     injection = Injection()
     without_retry_delays(monkeypatch)
-    fault.inject(monkeypatch, backend_cls, injection)
+    fault.inject(monkeypatch, endpoints_cls, injection)
     state = cifar10_pipeline(config, return_state=True)
     injection.active = False  # the backend works again: the reaper's turn
     reaped = (reap_endpoints(get_backend(config), dt.timedelta(0)).deleted
@@ -187,13 +184,11 @@ def assert_state(fault: Fault, state) -> None:
 # --- local backend -------------------------------------------------------------------------
 
 @pytest.fixture
-def session_model(monkeypatch, model_uri, local_backend) -> None:
+def session_model(monkeypatch, session_training) -> None:
     """Training is not under test here: every run's fit gets the session's trained model at
     once (the faults come after deploy starts; test_flow trains for real)."""
-    jobs = local_backend.jobs
-    trained = jobs.result(jobs.describe("session-model"))
-    monkeypatch.setattr(LocalBackend, "train", lambda self, spec, on_log=None:
-                        dataclasses.replace(trained, job_name=spec.job_name))
+    monkeypatch.setattr(LocalTrainingJobs, "run", lambda self, spec, on_log=None:
+                        dataclasses.replace(session_training, job_name=spec.job_name))
 
 
 def add_fault_row(backend: str, fault: Fault, state: Any, reaped: list[str], leaks: dict,
@@ -212,7 +207,7 @@ def test_local_teardown_under_fault(fault, prefect_harness, http_server, cifar_t
     root = tmp_path / "state"  # this run's own: what is left in it is this run's
     monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(root))
     state, injection, reaped = run_with_fault(
-        fault, LocalBackend, local_config(http_server, cifar_tarball), monkeypatch)
+        fault, LocalEndpoints, local_config(http_server, cifar_tarball), monkeypatch)
     leaks = local_leaks(root)
     add_fault_row("local", fault, state, reaped, leaks, started)
 
@@ -223,7 +218,7 @@ def test_local_teardown_under_fault(fault, prefect_harness, http_server, cifar_t
                       if fault.reaper else [])
     assert leaks == {"endpoints": 0, "configs": NOT_APPLICABLE, "models": NOT_APPLICABLE,
                      "processes": 0}
-    assert LocalBackend(root=root).list_endpoints() == []
+    assert LocalBackend(root=root).endpoints.list() == []
 
 
 # --- AWS backend against moto --------------------------------------------------------------
@@ -233,7 +228,7 @@ def aws_call_fails(operation: str, code: str, message: str, times: int | None = 
     ``code``) on its first ``times`` calls (None: on every call) while the injection is
     active. Hooked on the backend's boto3 sessions, below every layer of our code."""
 
-    def inject(mp: pytest.MonkeyPatch, backend: type[Backend], injection: Injection):
+    def inject(mp: pytest.MonkeyPatch, endpoints: type[Endpoints], injection: Injection):
         import backends.aws.session
 
         make = backends.aws.session.new_boto_session  # already wrapped by the stand-in
@@ -301,7 +296,7 @@ def test_aws_teardown_under_fault(fault, prefect_harness, http_server, cifar_tar
     started = time.monotonic()
     monkeypatch.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path / "state"))
     state, injection, reaped = run_with_fault(
-        fault, AwsBackend, aws_config(http_server, cifar_tarball), monkeypatch)
+        fault, AwsEndpoints, aws_config(http_server, cifar_tarball), monkeypatch)
     leaks = aws_leaks(aws, sagemaker_stand_in)
     add_fault_row("aws (moto)", fault, state, reaped, leaks, started)
 
@@ -340,7 +335,7 @@ def test_a_failed_delete_says_the_endpoint_may_still_be_up(failure, monkeypatch)
     assert isinstance(raised.value.__cause__, PermissionError)
 
 
-def test_a_failed_delete_does_not_replace_a_cancellation(monkeypatch):
+def test_a_failed_delete_does_not_replace_a_cancellation(monkeypatch, pipeline_home):
     """A cancelled or interrupted run stays that (its hooks and the reaper delete later):
     an EndpointNotDeleted would turn the runner's cancellation into a plain failure."""
     import flows.pipeline

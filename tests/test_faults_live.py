@@ -53,11 +53,11 @@ from tests.support.aws_fakes import (
     SageMakerStandIn,
     fresh_account,
 )
+from tests.support.configs import aws_config, local_config
 from tests.support.faults import (
     FAULT_INJECTION,
     NOT_APPLICABLE,
     alive,
-    aws_config,
     aws_leaks,
     children_of,
     environment_of,
@@ -65,10 +65,9 @@ from tests.support.faults import (
     local_leaks,
     short,
 )
-from tests.support.pipeline import config_for
 
 pytest_plugins = ["tests.support.aws_fixtures"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.long_running, pytest.mark.slow]
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 HEARTBEAT_SECONDS = 30  # Prefect's minimum: runs started here send one every 30 s
@@ -135,7 +134,7 @@ def delete_every_endpoint(backend: LocalBackend) -> None:
     """After a failed scenario: endpoint servers live in sessions of their own, so stopping
     a process group does not stop them."""
     for name in backend.endpoints.records.names():
-        backend.delete_endpoint(name)
+        backend.endpoints.delete(name)
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float, served: Served | None = None,
@@ -158,7 +157,7 @@ def final_state(server: live.Server, run_id: str, timeout: float, **context) -> 
 def trigger(served: Served, http_server: str, cifar_tarball, hold_smoke: bool = False,
             **overrides) -> str:
     """A run of the served deployment (fast settings unless overridden); returns its id."""
-    config = config_for(http_server, cifar_tarball, **overrides).model_dump(mode="json")
+    config = local_config(http_server, cifar_tarball, **overrides).model_dump(mode="json")
     run = served.server.api("POST", f"/deployments/{served.deployment_id}/create_flow_run",
                             {"parameters": {"config": config}})
     if hold_smoke:  # long before the run reaches its smoke test (it starts, trains, deploys)
@@ -188,7 +187,7 @@ def cancel_and_record(served: Served, run_id: str, scenario: str,
 
 
 def endpoint_up(backend: LocalBackend, name: str):
-    info = backend.describe_endpoint(name)
+    info = backend.endpoints.describe(name)
     return info if info is not None and info.status == "InService" else None
 
 
@@ -370,7 +369,7 @@ def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run
     backend = LocalBackend(root=home)
     # By design an endpoint is not tied to the process that deployed it (a SageMaker endpoint
     # is not either): it survives, and the run, unable to report, still says Running.
-    survivor = backend.describe_endpoint(killed.name)
+    survivor = backend.endpoints.describe(killed.name)
     assert survivor is not None and survivor.status == "InService", survivor
     assert alive(killed.server_pid)
     assert flow_run(server, killed.run_id)["state_type"] == "RUNNING"
@@ -378,7 +377,7 @@ def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run
     killed.reaped = reap_with_the_cli(server, home)
     killed.leaks = local_leaks(home)
     assert killed.reaped == [killed.name]
-    assert backend.describe_endpoint(killed.name) is None
+    assert backend.endpoints.describe(killed.name) is None
     assert not alive(killed.server_pid)
     assert killed.leaks == {"endpoints": 0, "configs": "-", "models": "-", "processes": 0}
 
@@ -444,7 +443,7 @@ def test_cancel_during_training(served, http_server, cifar_tarball):
     job = json.loads((job_dir / "job.json").read_text())
     assert job["status"] == "Stopped", job  # the job itself records why it ended
     assert not any(alive(h["pid"]) for h in hosts)
-    assert backend.describe_endpoint(name) is None  # none was ever created
+    assert backend.endpoints.describe(name) is None  # none was ever created
     assert leaks["endpoints"] == leaks["processes"] == 0
 
 
@@ -455,7 +454,7 @@ def test_cancel_during_smoke_predict(served, runs_held_in_smoke):
     leaks = cancel_and_record(served, run_id, "cancel during smoke-predict (served run)",
                               started)
 
-    assert backend.describe_endpoint(name) is None
+    assert backend.endpoints.describe(name) is None
     assert not alive(endpoint.extra["pid"])
     assert leaks["endpoints"] == leaks["processes"] == 0
 
@@ -466,7 +465,7 @@ def test_cancel_mid_sweep_stops_every_training(served, http_server, cifar_tarbal
     started = time.monotonic()
     backend = served.backend()
     sweep = served.server.api("GET", "/deployments/name/cifar10-sweep/on-demand")
-    config = {"base": config_for(http_server, cifar_tarball, training=LONG_TRAINING
+    config = {"base": local_config(http_server, cifar_tarball, training=LONG_TRAINING
                                  ).model_dump(mode="json"),
               "grid": {"learning_rate": [0.021, 0.022]}, "max_parallel": 2}
     run_id = served.server.api("POST", f"/deployments/{sweep['id']}/create_flow_run",
@@ -483,7 +482,7 @@ def test_cancel_mid_sweep_stops_every_training(served, http_server, cifar_tarbal
     assert not any(alive(h["pid"]) for h in hosts)
     for job_dir in job_dirs:  # each job records why it ended
         assert json.loads((job_dir / "job.json").read_text())["status"] == "Stopped"
-    assert backend.describe_endpoint(resource_name(run_id)) is None  # none was ever created
+    assert backend.endpoints.describe(resource_name(run_id)) is None  # none was ever created
     assert leaks["endpoints"] == leaks["processes"] == 0
 
 
@@ -497,7 +496,7 @@ def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, runs_held_
     run = final_state(served.server, run_id, 60, served=served)
     # The runner saw its subprocess die: it reports Crashed and runs the flow's on_crashed
     # hook, which deletes the endpoint. The reaper, run after it, finds nothing left.
-    wait_for(lambda: backend.describe_endpoint(name) is None,
+    wait_for(lambda: backend.endpoints.describe(name) is None,
              "the on_crashed hook deletes the endpoint", 30, served)
     reaped = reap_with_the_cli(served.server, served.home)
     leaks = local_leaks(served.home, name)

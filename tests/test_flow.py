@@ -15,26 +15,20 @@ from backends.base import APPROVED
 from backends.local import LocalBackend
 from backends.local.store import path_from_uri
 from flows.pipeline import cifar10_pipeline, resource_name
-from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of, config_for
+from tests.support.configs import local_config
+from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of
+
+# This module's runs share one empty state directory (and so a registry and its training
+# cache): the first one must download and train.
+pytestmark = [pytest.mark.long_running, pytest.mark.usefixtures("module_pipeline_home")]
 
 GROUP = "cifar10-pipeline"
 
 
 def assert_no_endpoint_left(run_id) -> None:
     backend = LocalBackend()
-    assert backend.describe_endpoint(resource_name(str(run_id))) is None
-    assert backend.list_endpoints() == []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_state_dir(tmp_path_factory) -> Path:
-    """This module's runs share an empty state directory (and so a registry and its training
-    cache): the first one must download (other modules may have left a verified copy in the
-    session's) and train."""
-    home = tmp_path_factory.mktemp("flow-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFAR10_PIPELINE_HOME", str(home))
-        yield home
+    assert backend.endpoints.describe(resource_name(str(run_id))) is None
+    assert backend.endpoints.list() == []
 
 
 def jobs(home: Path) -> list[str]:
@@ -42,26 +36,26 @@ def jobs(home: Path) -> list[str]:
 
 
 def run(http_server, cifar_tarball, **overrides):
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball, **overrides),
+    state = cifar10_pipeline(local_config(http_server, cifar_tarball, **overrides),
                              return_state=True)
     assert state.is_completed(), state.message
     return state.result()
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_harness, http_server, cifar_tarball, http_log):
+def first_run(module_pipeline_home, prefect_harness, http_server, cifar_tarball, http_log):
     before = len(http_log)
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    state = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
     return state, http_log[before:]
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, own_state_dir, prefect_harness, http_server, cifar_tarball,
+def second_run(first_run, module_pipeline_home, prefect_harness, http_server, cifar_tarball,
                http_log):
     """The same run again: (its state, its HTTP requests, the training jobs before it)."""
-    trained_jobs = jobs(own_state_dir)
+    trained_jobs = jobs(module_pipeline_home)
     before = len(http_log)
-    state = cifar10_pipeline(config_for(http_server, cifar_tarball), return_state=True)
+    state = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
     return state, http_log[before:], trained_jobs
 
 
@@ -103,32 +97,32 @@ def test_second_run_reuses_the_cached_download(second_run):
 # -- the training cache ---------------------------------------------------------------------
 
 
-def test_an_unchanged_run_reuses_the_training(first_run, second_run, own_state_dir):
+def test_an_unchanged_run_reuses_the_training(first_run, second_run, module_pipeline_home):
     first, (state, _, trained_jobs) = first_run[0].result(), second_run
     assert first.training.cached_from is None and first.training.billable_seconds > 0
     again = state.result()
     assert again.training.cached_from == first.training.job_name
     assert again.training.model_uri == first.training.model_uri
     assert again.training.billable_seconds == 0
-    assert jobs(own_state_dir) == trained_jobs  # no new training job
+    assert jobs(module_pipeline_home) == trained_jobs  # no new training job
     # The same model, already registered: named, not registered again.
     assert (again.registry.version, again.registry.reused) == (first.registry.version, True)
     assert again.registry.status == first.registry.status == APPROVED
-    assert [v.version for v in LocalBackend().list_model_versions(GROUP)
+    assert [v.version for v in LocalBackend().registry.versions(GROUP)
             if v.training_job == first.training.job_name] == [first.registry.version]
     assert "cached from job" in again.text() and "not registered again" in again.text()
 
 
 @pytest.mark.parametrize("change", ["hyperparameter", "no-cache"])
-def test_a_changed_or_uncached_run_trains_anew(change, first_run, own_state_dir, http_server,
-                                               cifar_tarball):
-    before = jobs(own_state_dir)
+def test_a_changed_or_uncached_run_trains_anew(change, first_run, module_pipeline_home,
+                                               http_server, cifar_tarball):
+    before = jobs(module_pipeline_home)
     overrides = {"training": {"epochs": 2, "learning_rate": 0.021, "batch_size": 16}} \
         if change == "hyperparameter" else \
         {"training": {"epochs": 2, "learning_rate": 0.02, "batch_size": 16, "cache": False}}
     summary = run(http_server, cifar_tarball, **overrides)
     assert summary.training.cached_from is None
-    assert len(jobs(own_state_dir)) == len(before) + 1
+    assert len(jobs(module_pipeline_home)) == len(before) + 1
 
 
 def test_a_byte_of_model_src_trains_anew(first_run, http_server, cifar_tarball, tmp_path,
@@ -137,7 +131,7 @@ def test_a_byte_of_model_src_trains_anew(first_run, http_server, cifar_tarball, 
 
     changed = tmp_path / "model_src"
     shutil.copytree(REPO / "model_src", changed)
-    with open(changed / "cifar.py", "a") as f:
+    with open(changed / "contract.py", "a") as f:
         f.write("\n")
     monkeypatch.setattr(flows.pipeline, "SOURCE_DIR", changed)
     assert run(http_server, cifar_tarball).training.cached_from is None
@@ -154,7 +148,7 @@ def test_other_data_trains_anew(first_run, http_server, http_root):
 def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, cifar_tarball):
     from tasks.endpoint import AccuracyBelowFloor
 
-    config = config_for(http_server, cifar_tarball,
+    config = local_config(http_server, cifar_tarball,
                         training={"epochs": 1, "learning_rate": 1e-6})
     state = cifar10_pipeline(config, return_state=True)
     assert state.is_failed()
@@ -164,18 +158,18 @@ def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, ci
 
 
 def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tarball):
-    config = config_for(http_server, cifar_tarball, endpoint={"keep": True})
+    config = local_config(http_server, cifar_tarball, endpoint={"keep": True})
     state = cifar10_pipeline(config, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     backend = LocalBackend()
     try:
         assert summary.endpoint.kept is True
-        info = backend.describe_endpoint(summary.endpoint.name)
+        info = backend.endpoints.describe(summary.endpoint.name)
         assert info.status == "InService"
         assert info.kept  # marked, so that the reaper leaves it alone
     finally:
-        backend.delete_endpoint(summary.endpoint.name)
+        backend.endpoints.delete(summary.endpoint.name)
 
 
 def test_a_deleted_artifact_trains_anew(second_run, http_server, cifar_tarball):
@@ -183,7 +177,7 @@ def test_a_deleted_artifact_trains_anew(second_run, http_server, cifar_tarball):
     cached = second_run[0].result()
     assert cached.training.cached_from is not None
     # Every model trained with this key is gone (an older identical one would be reused).
-    versions = LocalBackend().list_model_versions(GROUP)
+    versions = LocalBackend().registry.versions(GROUP)
     key = next(v.cache_key for v in versions if v.version == cached.registry.version)
     for version in versions:
         if version.cache_key == key:

@@ -17,7 +17,7 @@ from tests.support.pipeline import MODEL_SRC
 from tests.support.synthetic import npy
 
 sys.path.insert(0, str(MODEL_SRC))  # model_src's modules import each other flat
-import cifar
+import contract
 import inference
 import networks
 import train
@@ -99,9 +99,9 @@ def test_served_predictions_match_the_seed_formulation(model_dir, model):
         channels_last = inference.predict_fn(images, model)
     finally:
         model.channels_last = False
-    state = torch.load(model_dir / cifar.WEIGHTS_FILE, weights_only=True)
+    state = torch.load(model_dir / contract.WEIGHTS_FILE, weights_only=True)
     w = {name.removeprefix("body."): tensor for name, tensor in state.items()}
-    meta = json.loads((model_dir / cifar.META_FILE).read_text())
+    meta = json.loads((model_dir / contract.META_FILE).read_text())
     x = (images - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(
         meta["std"]).view(1, 3, 1, 1)
     x = F.max_pool2d(F.relu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"])), 2)

@@ -44,7 +44,7 @@ def ping(url: str) -> int:
 
 def test_boto3_invoke_endpoint_returns_correct_predictions(local_backend, endpoint, cifar_dir):
     images, labels = sample_images(cifar_dir)
-    client = local_backend.runtime_client(endpoint.name)
+    client = local_backend.endpoints.runtime_client(endpoint.name)
     response = client.invoke_endpoint(EndpointName=endpoint.name, Body=npy(images),
                                       ContentType="application/x-npy", Accept="application/x-npy")
     assert response["ContentType"] == "application/x-npy"
@@ -107,7 +107,7 @@ def test_container_errors_are_json_and_server_keeps_serving(endpoint, body, head
 
 
 def test_runtime_api_reports_container_errors_as_model_error(local_backend, endpoint):
-    client = local_backend.runtime_client(endpoint.name)
+    client = local_backend.endpoints.runtime_client(endpoint.name)
     with pytest.raises(client.exceptions.ModelError) as err:
         client.invoke_endpoint(EndpointName=endpoint.name, Body=b"{}",
                                ContentType="text/plain")
@@ -130,7 +130,7 @@ def test_declared_oversized_body_is_refused_before_reading(endpoint):
 
 
 def test_endpoint_is_listed_with_owner_and_creation_time(local_backend, endpoint):
-    listed = {e.name: e for e in local_backend.list_endpoints()}
+    listed = {e.name: e for e in local_backend.endpoints.list()}
     assert listed[endpoint.name].status == "InService"
     assert listed[endpoint.name].tags["owner"] == "pytest"
     assert listed[endpoint.name].created.tzinfo is not None
@@ -138,7 +138,7 @@ def test_endpoint_is_listed_with_owner_and_creation_time(local_backend, endpoint
 
 def test_deploying_an_existing_name_is_refused(local_backend, endpoint, model_uri):
     with pytest.raises(EndpointExists):
-        local_backend.deploy(EndpointSpec(name=endpoint.name, model_uri=model_uri))
+        local_backend.endpoints.deploy(EndpointSpec(name=endpoint.name, model_uri=model_uri))
     assert ping(endpoint.url) == 200
 
 
@@ -148,23 +148,23 @@ def test_endpoint_outlives_its_deployer_and_is_deleted_from_another_process(
     deploy = (
         "import sys; from backends.local import LocalBackend; "
         "from backends.base import EndpointSpec, managed_tags; "
-        "info = LocalBackend(root=sys.argv[1]).deploy(EndpointSpec(name='survivor', "
+        "info = LocalBackend(root=sys.argv[1]).endpoints.deploy(EndpointSpec(name='survivor', "
         "model_uri=sys.argv[2], tags=managed_tags('child'))); print(info.url)"
     )
     url = subprocess.run([sys.executable, "-c", deploy, root, model_uri], capture_output=True,
                          text=True, check=True, timeout=120).stdout.strip()
     # The deploying process has exited; the endpoint still answers.
     assert ping(url) == 200
-    info = local_backend.describe_endpoint("survivor")
+    info = local_backend.endpoints.describe("survivor")
     assert info.status == "InService" and info.url == url
     pid = info.extra["pid"]
 
     delete = ("import sys; from backends.local import LocalBackend; "
-              "print(LocalBackend(root=sys.argv[1]).delete_endpoint('survivor'))")
+              "print(LocalBackend(root=sys.argv[1]).endpoints.delete('survivor'))")
     out = subprocess.run([sys.executable, "-c", delete, root], capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()
     assert out == "True"
-    assert local_backend.describe_endpoint("survivor") is None
+    assert local_backend.endpoints.describe("survivor") is None
     from backends.local import processes
 
     assert processes.start_time(pid) is None, "server process still running"
@@ -174,7 +174,7 @@ def test_endpoint_outlives_its_deployer_and_is_deleted_from_another_process(
 
 
 def test_deleting_a_missing_endpoint_succeeds(local_backend):
-    assert local_backend.delete_endpoint("never-existed") is False
+    assert local_backend.endpoints.delete("never-existed") is False
 
 
 def test_broken_model_fails_deploy_with_the_servers_error(local_backend, tmp_path):
@@ -186,9 +186,9 @@ def test_broken_model_fails_deploy_with_the_servers_error(local_backend, tmp_pat
         readme.write_text("no code here")
         tar.add(readme, arcname="README")
     with pytest.raises(EndpointFailed) as err:
-        local_backend.deploy(EndpointSpec(name="broken", model_uri=archive.as_uri()))
+        local_backend.endpoints.deploy(EndpointSpec(name="broken", model_uri=archive.as_uri()))
     assert "inference code inference.py not found" in str(err.value)
-    assert local_backend.describe_endpoint("broken") is None  # cleaned up
+    assert local_backend.endpoints.describe("broken") is None  # cleaned up
 
 
 def test_model_archive_with_path_traversal_is_refused(local_backend, tmp_path):
@@ -200,7 +200,7 @@ def test_model_archive_with_path_traversal_is_refused(local_backend, tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(payload, arcname="../../escaped")
     with pytest.raises(EndpointFailed, match="outside"):
-        local_backend.deploy(EndpointSpec(name="evil", model_uri=archive.as_uri()))
+        local_backend.endpoints.deploy(EndpointSpec(name="evil", model_uri=archive.as_uri()))
     assert not (local_backend.root / "escaped").exists()
 
 
@@ -217,5 +217,5 @@ def test_a_proxy_in_the_environment_does_not_intercept_loopback(local_backend, e
     backend = LocalBackend(root=local_backend.root)
     assert ping(endpoint.url) == 200
     images, _ = sample_images(cifar_dir, 8)
-    answer = backend.invoke(endpoint.name, npy(images), "application/x-npy")
+    answer = backend.endpoints.invoke(endpoint.name, npy(images), "application/x-npy")
     assert answer.content_type == "application/json" and len(json.loads(answer.body)) == 8

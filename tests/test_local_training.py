@@ -16,6 +16,8 @@ from backends.base import TrainingJobFailed, TrainingSpec
 from backends.local import LocalBackend
 from backends.local.store import path_from_uri
 
+pytestmark = pytest.mark.long_running
+
 FAST = {"epochs": 2, "batch-size": 16, "lr": 0.02}
 
 
@@ -26,7 +28,7 @@ def backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_uri(backend, cifar_dir):
-    return backend.upload_data(cifar_dir)
+    return backend.storage.upload(cifar_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def completed(backend, data_uri):
     lines: list[str] = []
     spec = TrainingSpec(job_name="job-ok", data_uri=data_uri, hyperparameters=FAST,
                         tags={"managed-by": "cifar10-pipeline"})
-    return backend.train(spec, on_log=lines.append), lines
+    return backend.jobs.run(spec, on_log=lines.append), lines
 
 
 def test_job_completes_with_packaged_model(backend, completed):
@@ -42,7 +44,7 @@ def test_job_completes_with_packaged_model(backend, completed):
     assert result.status == "Completed"
     with tarfile.open(path_from_uri(result.model_uri)) as tar:
         names = set(tar.getnames())
-    assert {"model.pth", "model_meta.json", "code/inference.py", "code/cifar.py",
+    assert {"model.pth", "model_meta.json", "code/inference.py", "code/contract.py",
             "code/networks.py"} <= names
     assert result.model_uri.endswith("training-jobs/job-ok/output/model.tar.gz")
     assert result.metrics["test_accuracy"] > 0.5
@@ -84,7 +86,7 @@ def test_job_is_described_from_another_process(backend, completed):
 def test_same_job_name_reattaches_instead_of_training_again(backend, data_uri, completed):
     lines: list[str] = []
     spec = TrainingSpec(job_name="job-ok", data_uri=data_uri, hyperparameters=FAST)
-    again = backend.train(spec, on_log=lines.append)
+    again = backend.jobs.run(spec, on_log=lines.append)
     assert again == completed[0]
     assert lines == []
 
@@ -94,9 +96,9 @@ def test_failed_job_reports_the_scripts_reason(backend, tmp_path):
     broken.mkdir()
     (broken / "data_batch_1").write_bytes(b"garbage")
     (broken / "test_batch").write_bytes(b"garbage")
-    uri = backend.store.upload_dir(broken, "broken-data").uri
+    uri = backend.storage.upload_dir(broken, "broken-data").uri
     with pytest.raises(TrainingJobFailed) as err:
-        backend.train(TrainingSpec(job_name="job-broken", data_uri=uri, hyperparameters=FAST))
+        backend.jobs.run(TrainingSpec(job_name="job-broken", data_uri=uri, hyperparameters=FAST))
     assert err.value.status == "Failed"
     assert "not a CIFAR-10 python batch file" in err.value.reason
     record = backend.jobs.describe("job-broken")
@@ -110,7 +112,7 @@ def test_job_over_its_max_runtime_is_stopped(backend, data_uri):
     spec = TrainingSpec(job_name="job-slow", data_uri=data_uri, max_runtime_seconds=2,
                         hyperparameters={"epochs": 10000, "batch-size": 16})
     with pytest.raises(TrainingJobFailed) as err:
-        backend.train(spec)
+        backend.jobs.run(spec)
     assert err.value.status == "Stopped"
     assert "MaxRuntimeExceeded" in err.value.reason
     record = backend.jobs.describe("job-slow")
@@ -132,7 +134,7 @@ def test_a_running_job_is_stopped_on_request(backend, data_uri):
 
     def wait_for_it() -> None:
         try:
-            backend.train(spec, on_log=lines.append)
+            backend.jobs.run(spec, on_log=lines.append)
         except BaseException as e:
             outcome.append(e)
 
@@ -142,7 +144,7 @@ def test_a_running_job_is_stopped_on_request(backend, data_uri):
     while not any(line.startswith("epoch=1;") for line in list(lines)):
         assert time.monotonic() < live_deadline, lines[-5:]
         time.sleep(0.1)
-    assert backend.stop_training("job-stop-me") is True
+    assert backend.jobs.stop("job-stop-me") is True
     waiter.join(timeout=60)
     assert not waiter.is_alive()
     [error] = outcome
@@ -150,15 +152,15 @@ def test_a_running_job_is_stopped_on_request(backend, data_uri):
     record = backend.jobs.describe("job-stop-me")
     assert record.status == "Stopped" and "stopped on request" in record.failure_reason
     assert not any(processes.is_running(p["pid"], p["start"]) for p in record.processes)
-    assert backend.stop_training("job-stop-me") is False  # already ended
-    assert backend.stop_training("job-never-was") is False
+    assert backend.jobs.stop("job-stop-me") is False  # already ended
+    assert backend.jobs.stop("job-never-was") is False
 
 
 def test_two_hosts_train_data_parallel(backend, data_uri):
     lines: list[str] = []
     spec = TrainingSpec(job_name="job-two-hosts", data_uri=data_uri, instance_count=2,
                         hyperparameters={**FAST, "seed": 5})
-    result = backend.train(spec, on_log=lines.append)
+    result = backend.jobs.run(spec, on_log=lines.append)
     assert result.status == "Completed"
     assert any(line.startswith("[algo-2] ") for line in lines)
     job_dir = backend.jobs.job_dir("job-two-hosts")
@@ -174,8 +176,8 @@ def test_missing_channel_is_a_clear_error(backend, tmp_path):
     from backends.base import BackendError
 
     with pytest.raises(BackendError, match="does not exist"):
-        backend.train(TrainingSpec(job_name="job-nodata", data_uri=(tmp_path / "x").as_uri(),
-                                   hyperparameters=FAST))
+        backend.jobs.run(TrainingSpec(job_name="job-nodata", data_uri=(tmp_path / "x").as_uri(),
+                                      hyperparameters=FAST))
 
 
 def test_a_failed_or_stopped_job_trains_again_under_the_next_free_name(backend, data_uri):
@@ -193,9 +195,9 @@ def test_a_failed_or_stopped_job_trains_again_under_the_next_free_name(backend, 
             max_runtime_seconds=60, tags={}, created="2026-01-01T00:00:00+00:00",
             failure_reason="CapacityError: injected"))))
     lines: list[str] = []
-    result = backend.train(spec, on_log=lines.append)
+    result = backend.jobs.run(spec, on_log=lines.append)
     assert result.job_name == "job-retried-r2" and result.status == "Completed"
     assert "training job job-retried: earlier attempts failed or were stopped: training " \
            "again as job-retried-r2" in lines
-    assert backend.train(spec) == result  # re-attached: nothing trains again
-    assert backend.stop_training("job-retried") is False  # nothing of the chain runs
+    assert backend.jobs.run(spec) == result  # re-attached: nothing trains again
+    assert backend.jobs.stop("job-retried") is False  # nothing of the chain runs

@@ -14,7 +14,7 @@ import pytest
 from backends.local import LocalBackend
 from tests.support.pipeline import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.long_running, pytest.mark.slow]
 
 TINY_FLOW = """
 from prefect import flow
@@ -79,7 +79,7 @@ def test_a_fresh_home_runs_the_first_time_even_with_a_short_startup_timeout(
     assert summary["data"]["uri"].startswith("file://")
     assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
     pipeline_state = home.parent / "pipeline-state"
-    assert LocalBackend(root=pipeline_state).describe_endpoint(summary["endpoint"]["name"]) \
+    assert LocalBackend(root=pipeline_state).endpoints.describe(summary["endpoint"]["name"]) \
         is None
 
 

@@ -20,7 +20,8 @@ from backends.local.processes import is_running, start_time
 from tests.support import live
 from tests.support.pipeline import REPO
 
-pytestmark = pytest.mark.skipif(not launcher.WARM_START, reason="warm starts are Linux-only")
+pytestmark = [pytest.mark.long_running,
+              pytest.mark.skipif(not launcher.WARM_START, reason="warm starts are Linux-only")]
 
 PROBE = '''
 import json, os, sys

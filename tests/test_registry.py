@@ -22,7 +22,7 @@ from backends.base import (
 )
 from backends.local import LocalBackend
 from flows.cli import app
-from tasks.lib.lineage import decide
+from tasks.lib.promotion_gate import verdict
 from tasks.lib.summary import SmokeTestResult
 from tasks.registry import register_model
 from tests.support.aws_fakes import BUCKET, ROLE_ARN
@@ -80,7 +80,7 @@ def gate_scenarios(backend: Backend) -> None:
     manual = register(backend, "job-6", 0.6, auto_approve=False)
     assert manual.status == PENDING and "awaiting manual approval" in manual.reason
 
-    versions = backend.list_model_versions(GROUP)
+    versions = backend.registry.versions(GROUP)
     assert [(v.version, v.status) for v in versions] == [
         (1, APPROVED), (2, APPROVED), (3, APPROVED), (4, REJECTED), (5, REJECTED), (6, PENDING)]
     v4 = versions[3]
@@ -89,10 +89,10 @@ def gate_scenarios(backend: Backend) -> None:
     assert v4.metrics["smoke_accuracy"] == pytest.approx(0.6)
     assert {k: v4.lineage[k] for k in LINEAGE} == LINEAGE
     # By hand: approve the pending one (the new champion), reject an approved one.
-    assert backend.set_model_status(GROUP, 6, APPROVED, "looked fine").status == APPROVED
-    assert backend.set_model_status(GROUP, 2, REJECTED, "bad on night images").reason == \
+    assert backend.registry.set_status(GROUP, 6, APPROVED, "looked fine").status == APPROVED
+    assert backend.registry.set_status(GROUP, 2, REJECTED, "bad on night images").reason == \
         "bad on night images"
-    after = {v.version: v for v in backend.list_model_versions(GROUP)}
+    after = {v.version: v for v in backend.registry.versions(GROUP)}
     assert after[6].status == APPROVED and after[2].status == REJECTED
     assert after[6].lineage == versions[5].lineage  # the lineage survives the update
 
@@ -112,7 +112,7 @@ def test_the_gate_on_sagemaker_model_registry(aws, no_network, request_validator
     tags = aws.sm.list_tags(ResourceArn=group["ModelPackageGroupArn"])["Tags"]
     assert {"Key": "managed-by", "Value": "cifar10-pipeline"} in tags
     described = aws.sm.describe_model_package(
-        ModelPackageName=backend.list_model_versions(GROUP)[0].arn)
+        ModelPackageName=backend.registry.versions(GROUP)[0].arn)
     report = described["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     assert report.startswith(f"s3://{BUCKET}/cifar10-pipeline/registry/")
     assert described["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == \
@@ -126,7 +126,7 @@ from backends.local import LocalBackend
 
 backend = LocalBackend(root=sys.argv[1])
 for i in range(5):
-    backend.register_model(ModelVersionSpec(
+    backend.registry.register(ModelVersionSpec(
         group="cifar10-pipeline", model_uri="file:///m", training_job=f"{sys.argv[2]}-{i}",
         cache_key="k", metrics={}, lineage={}), lambda champion: ("Approved", "r"))
 """
@@ -136,7 +136,7 @@ def test_concurrent_registrations_get_distinct_consecutive_versions(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tmp_path), f"p{n}"],
                                   cwd=REPO) for n in range(6)]
     assert [p.wait(timeout=120) for p in processes] == [0] * 6
-    versions = LocalBackend(root=tmp_path).list_model_versions(GROUP)
+    versions = LocalBackend(root=tmp_path).registry.versions(GROUP)
     assert [v.version for v in versions] == list(range(1, 31))
     assert len({v.training_job for v in versions}) == 30
 
@@ -164,6 +164,6 @@ def test_models_commands(tmp_path, monkeypatch):
 
 
 def test_decisions_are_explained():
-    assert decide(0.5, True, 0.6, 0.4, None, 0.005, False) == (
+    assert verdict(0.5, True, 0.6, 0.4, None, 0.005, False) == (
         PENDING, "awaiting manual approval (the gate says approved: first version, smoke test "
                  "passed (0.600))")

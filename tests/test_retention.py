@@ -31,7 +31,9 @@ from backends.base import (
     TrainingSpec,
     managed_tags,
 )
+from backends.cache import cached_training
 from backends.local import LocalBackend, processes
+from backends.local.endpoints import EndpointRecord
 from backends.local.retention import (
     BoundedLog,
     RetentionPolicy,
@@ -71,7 +73,7 @@ def probe_source(tmp_path_factory) -> Path:
 def probe_backend(root: Path, source: Path, **policy) -> LocalBackend:
     """A local backend whose training jobs run the probe."""
     backend = LocalBackend(root=root, retention=RetentionPolicy(**policy))
-    backend.jobs = LocalTrainingJobs(root / "jobs", backend.store, source, "probe.py",
+    backend.jobs = LocalTrainingJobs(root / "jobs", backend.storage, source, "probe.py",
                                      retention=backend.retention)
     return backend
 
@@ -84,7 +86,7 @@ def backend(tmp_path, probe_source) -> LocalBackend:
 def run_probe(backend: LocalBackend, data_uri: str, name: str, **args):
     spec = TrainingSpec(job_name=name, data_uri=data_uri,
                         hyperparameters={k.replace("_", "-"): v for k, v in args.items()})
-    return backend.train(spec)
+    return backend.jobs.run(spec)
 
 
 def channel_seen(backend: LocalBackend, name: str) -> dict:
@@ -103,7 +105,7 @@ def assert_inputs_released(backend: LocalBackend, name: str) -> None:
 # -- the training channel ---------------------------------------------------------------------
 
 def test_channel_is_hard_linked_read_only_and_unlinked_when_the_job_ends(backend, cifar_dir):
-    data_uri = backend.upload_data(cifar_dir)
+    data_uri = backend.storage.upload(cifar_dir)
     store_data = path_from_uri(data_uri)
     before = {p.name: p.read_bytes() for p in store_data.iterdir() if p.is_file()}
     run_probe(backend, data_uri, "job-linked")
@@ -130,7 +132,7 @@ def test_channel_is_copied_where_links_fail_and_the_copy_is_deleted(backend, cif
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
-    data_uri = backend.upload_data(cifar_dir)
+    data_uri = backend.storage.upload(cifar_dir)
     store_data = path_from_uri(data_uri)
     name = f"job-copied-{exit_code}"
     if exit_code:
@@ -157,7 +159,7 @@ def test_a_job_that_cannot_be_set_up_is_failed_and_leaves_no_channel(backend, ci
 
     monkeypatch.setattr(training.shutil, "copytree", no_space)  # the code copy
     with pytest.raises(OSError, match="No space"):
-        run_probe(backend, backend.upload_data(cifar_dir), "job-no-space")
+        run_probe(backend, backend.storage.upload(cifar_dir), "job-no-space")
     record = backend.jobs.describe("job-no-space")
     assert record.status == "Failed" and "No space left" in record.failure_reason
     assert not (backend.jobs.job_dir("job-no-space") / "algo-1" / "input" / "data").exists()
@@ -168,7 +170,7 @@ def test_a_job_that_cannot_be_set_up_is_failed_and_leaves_no_channel(backend, ci
 def test_training_log_rotates_at_its_size_limit(tmp_path, probe_source, cifar_dir):
     backend = probe_backend(tmp_path / "state", probe_source, log_max_bytes=4096,
                             log_backups=2)
-    run_probe(backend, backend.upload_data(cifar_dir), "job-chatty", lines=400)  # ~20 kB
+    run_probe(backend, backend.storage.upload(cifar_dir), "job-chatty", lines=400)  # ~20 kB
     log = backend.jobs.job_dir("job-chatty") / "training.log"
     parts = [log, log.with_name("training.log.1"), log.with_name("training.log.2")]
     assert all(p.is_file() and p.stat().st_size <= 4096 for p in parts)
@@ -194,14 +196,14 @@ def test_a_log_without_backups_starts_over_and_never_passes_its_limit(tmp_path):
                                     "wrong kind"])
 def test_an_unreadable_job_record_is_skipped_and_the_next_run_trains(backend, cifar_dir,
                                                                      caplog, damage):
-    data_uri = backend.upload_data(cifar_dir)
+    data_uri = backend.storage.upload(cifar_dir)
     result = run_probe(backend, data_uri, "job-damaged")
     # Rejected, so that retention may remove it below (an Approved version's job stays).
     backend.registry.register(ModelVersionSpec(
         group="cifar10-test", model_uri=result.model_uri, training_job="job-damaged",
         cache_key="key-1", metrics={"test_accuracy": 0.5}, lineage={}),
         lambda champion: (REJECTED, "test"))
-    assert backend.cached_training("cifar10-test", "key-1") is not None
+    assert cached_training(backend, "cifar10-test", "key-1") is not None
     record = backend.jobs.job_dir("job-damaged") / "job.json"
     text = record.read_text()
     record.write_text({
@@ -212,9 +214,9 @@ def test_an_unreadable_job_record_is_skipped_and_the_next_run_trains(backend, ci
 
     with caplog.at_level(logging.WARNING, logger="backends.local.training"):
         assert backend.jobs.describe("job-damaged") is None
-        assert backend.training_result("job-damaged") is None
+        assert backend.jobs.completed("job-damaged") is None
         # The cache lookup finds no usable job, instead of failing the run's fit.
-        assert backend.cached_training("cifar10-test", "key-1") is None
+        assert cached_training(backend, "cifar10-test", "key-1") is None
     assert str(record) in caplog.text and "Delete" in caplog.text
     # The same name cannot run again over the remains, and says what to do...
     with pytest.raises(BackendError, match=r"no readable job\.json.*Delete that directory"):
@@ -223,7 +225,7 @@ def test_an_unreadable_job_record_is_skipped_and_the_next_run_trains(backend, ci
     assert run_probe(backend, data_uri, "job-next").status == "Completed"
     # Retention clears the damaged job once it is past the limits.
     report = apply_retention(RetentionPolicy(keep_jobs=1, max_age_days=None), backend.jobs,
-                             backend.endpoints, backend.registry, backend.store,
+                             backend.endpoints, backend.registry, backend.storage,
                              now=dt.datetime.now(dt.UTC) + DAY)
     assert "job-damaged" in report.jobs and backend.jobs.describe("job-next") is not None
 
@@ -241,7 +243,7 @@ def finished_job(backend: LocalBackend, name: str, age: dt.timedelta, status: st
         (job_dir / "algo-1" / "input" / "data" / "training" / "data_batch_1").write_bytes(b"x")
     model = job_dir / "model.tar.gz"
     model.write_bytes(b"model " + name.encode())
-    model_uri = backend.store.put_file(model, f"training-jobs/{name}/output/model.tar.gz")
+    model_uri = backend.storage.put_file(model, f"training-jobs/{name}/output/model.tar.gz")
     model.unlink()
     created = dt.datetime.now(dt.UTC) - age
     backend.jobs._save(JobRecord(
@@ -261,13 +263,11 @@ def register(backend: LocalBackend, name: str, model_uri: str, status: str) -> N
 def endpoint_record(backend: LocalBackend, name: str, model_uri: str, kept: bool = False,
                     server: subprocess.Popen | None = None, age: dt.timedelta = DAY) -> None:
     created = dt.datetime.now(dt.UTC) - age
-    backend.endpoints.records.create({
-        "name": name, "status": "InService", "model_uri": model_uri, "model_path": "",
-        "environment": {}, "instance_type": "local", "instance_count": 1,
-        "tags": managed_tags("pytest", created=created, kept=kept), "created": created.isoformat(),
-        "pid": server.pid if server else None,
-        "pid_start": processes.start_time(server.pid) if server else None,
-        "host": None, "port": None, "failure_reason": None})
+    backend.endpoints.records.create(EndpointRecord(
+        name=name, status="InService", created=created.isoformat(), model_uri=model_uri,
+        model_path="", tags=managed_tags("pytest", created=created, kept=kept),
+        pid=server.pid if server else None,
+        pid_start=processes.start_time(server.pid) if server else None))
     directory = backend.endpoints.records.endpoint_dir(name)
     (directory / "server.log").write_text("served\n")
     for path in (directory, *directory.iterdir()):
@@ -301,7 +301,7 @@ def test_retention_prunes_old_jobs_but_never_what_is_still_needed(backend, live_
     endpoint_record(backend, "ep-just-died", uris["job-newest"], age=dt.timedelta(minutes=5))
 
     report = apply_retention(RetentionPolicy(keep_jobs=1, max_age_days=7), backend.jobs,
-                             backend.endpoints, backend.registry, backend.store)
+                             backend.endpoints, backend.registry, backend.storage)
 
     assert sorted(report.jobs) == ["job-dead-endpoint", "job-plain", "job-rejected"]
     assert report.endpoints == ["ep-dead"]
@@ -309,7 +309,7 @@ def test_retention_prunes_old_jobs_but_never_what_is_still_needed(backend, live_
                                      "job-running-endpoint", "job-in-progress", "job-other-run"}
     for name, uri in uris.items():
         gone = name in report.jobs
-        assert backend.artifact_exists(uri) is not gone, name
+        assert backend.storage.exists(uri) is not gone, name
         assert backend.jobs.job_dir(name).exists() is not gone, name
     assert backend.jobs.describe("job-in-progress").status == "InProgress"
     assert [e.name for e in backend.endpoints.list()] == ["ep-just-died", "ep-kept",
@@ -318,8 +318,8 @@ def test_retention_prunes_old_jobs_but_never_what_is_still_needed(backend, live_
     # The rejected version keeps its record; the cache lookup no longer offers its model.
     statuses = [v.status for v in backend.registry.versions("cifar10-test")]
     assert statuses == [APPROVED, PENDING, REJECTED]
-    assert backend.cached_training("cifar10-test", "job-rejected") is None
-    assert backend.cached_training("cifar10-test", "job-approved") is not None
+    assert cached_training(backend, "cifar10-test", "job-rejected") is None
+    assert cached_training(backend, "cifar10-test", "job-approved") is not None
     # A kept job's leftover channel (its runner was killed) goes; its record stays.
     assert report.inputs_released == ["job-newest"]
     assert_inputs_released(backend, "job-newest")
@@ -335,14 +335,14 @@ def test_retention_prunes_no_job_while_a_registry_record_is_unreadable(backend):
     damaged.write_text('{"group": "cifar10-te')  # truncated by a power loss
 
     report = apply_retention(RetentionPolicy(keep_jobs=0, max_age_days=1), backend.jobs,
-                             backend.endpoints, backend.registry, backend.store)
+                             backend.endpoints, backend.registry, backend.storage)
 
     assert report.jobs == []
-    assert all(backend.artifact_exists(uri) for uri in uris.values())
+    assert all(backend.storage.exists(uri) for uri in uris.values())
     assert any(str(damaged) in line and "move them aside" in line for line in report.lines())
     damaged.unlink()  # once it is dealt with, the next pass prunes again
     again = apply_retention(RetentionPolicy(keep_jobs=0, max_age_days=1), backend.jobs,
-                            backend.endpoints, backend.registry, backend.store)
+                            backend.endpoints, backend.registry, backend.storage)
     assert sorted(again.jobs) == ["job-approved", "job-plain"]
 
 
@@ -352,7 +352,7 @@ def test_retention_prunes_rotated_logs_past_the_backups_kept(backend):
     for name in ("training.log", "training.log.1", "training.log.2", "training.log.3"):
         (job_dir / name).write_text("log\n")
     report = apply_retention(RetentionPolicy(log_backups=1), backend.jobs, backend.endpoints,
-                             backend.registry, backend.store)
+                             backend.registry, backend.storage)
     assert sorted(report.logs) == ["job-logs/training.log.2", "job-logs/training.log.3"]
     assert sorted(p.name for p in job_dir.glob("training.log*")) == ["training.log",
                                                                       "training.log.1"]
@@ -383,7 +383,7 @@ def test_stale_temporaries_are_cleared_and_live_or_fresh_ones_kept(backend):
             os.utime(path, (hour_ago, hour_ago))
 
     report = apply_retention(RetentionPolicy(), backend.jobs, backend.endpoints,
-                             backend.registry, backend.store)
+                             backend.registry, backend.storage)
 
     removed = {label for label, path in paths.items() if not path.exists()}
     assert removed == {"dead owner, old", "old part"}
@@ -395,7 +395,7 @@ def test_packaging_happens_under_the_jobs_root_not_in_tmp(backend, monkeypatch, 
     model_dir.mkdir()
     (model_dir / "model.pth").write_bytes(b"weights")
     staged: list[Path] = []
-    monkeypatch.setattr(backend.store, "put_file",
+    monkeypatch.setattr(backend.storage, "put_file",
                         lambda src, key: staged.append(Path(src)) or "file:///x")
     backend.jobs.jobs_root.mkdir(parents=True)
     backend.jobs._package_model(model_dir, "job-packed")
@@ -404,7 +404,7 @@ def test_packaging_happens_under_the_jobs_root_not_in_tmp(backend, monkeypatch, 
     assert not staged[0].parent.exists()  # removed once packed
 
 
-def test_the_config_carries_the_retention_policy_to_the_local_backend():
+def test_the_config_carries_the_retention_policy_to_the_local_backend(pipeline_home):
     from flows.config import PipelineConfig, get_backend
 
     defaults = PipelineConfig().retention

@@ -50,7 +50,8 @@ from tests.support.pipeline import FAST_HYPERPARAMETERS, import_handlers
 from tests.support.synthetic import class_templates, make_images, npy
 
 pytest_plugins = ["tests.support.aws_fixtures"]
-pytestmark = pytest.mark.usefixtures("no_network")  # moto on loopback, never AWS
+pytestmark = [pytest.mark.long_running,
+              pytest.mark.usefixtures("no_network")]  # moto on loopback, never AWS
 
 INSTANCE_TYPE = "ml.m5.xlarge"  # a CPU instance: the hosts train on CPU, with gloo
 OPT_ML = Path("/opt/ml")
@@ -109,11 +110,11 @@ def build_request(aws: MotoAccount, cifar_dir: Path, instance_count: int) -> dic
     data; ModelTrainer has uploaded the code and its drivers to moto's S3 meanwhile."""
     backend = AwsBackend(role_arn=ROLE_ARN, bucket=BUCKET)
     spec = TrainingSpec(job_name=f"cifar10-drivers-{instance_count}-hosts",
-                        data_uri=backend.upload_data(cifar_dir),
+                        data_uri=backend.storage.upload(cifar_dir),
                         hyperparameters=dict(FAST_HYPERPARAMETERS),
                         instance_type=INSTANCE_TYPE, instance_count=instance_count,
                         max_runtime_seconds=1800)
-    return backend.training.build_request(spec)
+    return backend.jobs.build_request(spec)
 
 
 def download_channels(aws: MotoAccount, request: dict[str, Any], data_dir: Path) -> None:

@@ -48,11 +48,11 @@ def limited(local_backend, model_uri):
         "CIFAR10_SERVER_LOG_RECORDS_PER_INTERVAL": str(LOG_RECORDS),
         "CIFAR10_SERVER_LOG_INTERVAL_SECONDS": str(LOG_INTERVAL_SECONDS),
     }
-    info = local_backend.deploy(EndpointSpec(name="server-limits", model_uri=model_uri,
-                                             tags=managed_tags("pytest"),
-                                             environment=environment))
+    info = local_backend.endpoints.deploy(EndpointSpec(name="server-limits", model_uri=model_uri,
+                                                       tags=managed_tags("pytest"),
+                                                       environment=environment))
     yield info
-    local_backend.delete_endpoint(info.name)
+    local_backend.endpoints.delete(info.name)
 
 
 def address(url: str) -> tuple[str, int]:

@@ -25,6 +25,8 @@ from backends.local.store import path_from_uri
 from tests.support.pipeline import REPO, sagemaker_env
 from tests.support.synthetic import npy
 
+pytestmark = pytest.mark.long_running
+
 TOOLKIT_DRIVER = REPO / "tests" / "support" / "toolkit_serving.py"
 LEGACY_SCRIPT = REPO / "tests" / "support" / "legacy" / "cifar10-e1c06ee.py.txt"
 NPY, JSON = "application/x-npy", "application/json"
@@ -132,12 +134,12 @@ def test_the_toolkit_and_our_endpoint_serve_our_models_alike(
 
     toolkit = through_toolkit(model_dir, requests, tmp_path / "toolkit", environment)
     name = f"toolkit-{which}"
-    info = local_backend.deploy(EndpointSpec(name=name, model_uri=archive.as_uri(),
-                                             tags=managed_tags("pytest")))
+    info = local_backend.endpoints.deploy(EndpointSpec(name=name, model_uri=archive.as_uri(),
+                                                       tags=managed_tags("pytest")))
     try:
         ours = through_endpoint(info.url, requests)
     finally:
-        local_backend.delete_endpoint(name)
+        local_backend.endpoints.delete(name)
 
     for request in ("npy in, npy out", "json in, json out", "uint8 npy in, default out"):
         (status, content_type, body), (our_status, our_type, our_body) = \

@@ -12,34 +12,28 @@ from typer.testing import CliRunner
 
 from backends.base import APPROVED, REJECTED
 from backends.local import LocalBackend
+from backends.local.endpoints import LocalEndpoints
+from backends.local.training import LocalTrainingJobs
 from flows.config import MAX_SWEEP_POINTS, SweepConfig
 from flows.sweep import SweepFailed, cifar10_sweep, point_job_name
 from tasks.lib.summary import PRICES_PER_HOUR, EndpointSummary, TrainingSummary, estimate_cost
-from tests.support.pipeline import artifacts_of, config_for
+from tests.support.configs import local_config, sweep_config
+from tests.support.pipeline import artifacts_of
 
 FAILING_LR = 0.0375  # the point whose training job the tests make fail
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_state_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFAR10_PIPELINE_HOME", str(tmp_path_factory.mktemp("sweep-state")))
-        yield
-
-
-def sweep_config(http_server, cifar_tarball, learning_rates, **settings) -> SweepConfig:
-    base = config_for(http_server, cifar_tarball)
-    return SweepConfig.model_validate({"base": base.model_dump(),
-                                       "grid": {"learning_rate": learning_rates}, **settings})
+# The sweeps share one state directory (a registry and a training cache).
+pytestmark = pytest.mark.usefixtures("module_pipeline_home")
 
 
 @pytest.fixture(scope="module")
-def swept(prefect_harness, http_server, cifar_tarball):
+def swept(module_pipeline_home, prefect_harness, http_server, cifar_tarball):
     """A 3-point sweep, two at once, whose second point's training job fails; it records
     every endpoint the backend was asked to create."""
     deployed: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        train, deploy = LocalBackend.train, LocalBackend.deploy
+        train, deploy = LocalTrainingJobs.run, LocalEndpoints.deploy
 
         def failing_train(self, spec, on_log=None):
             if spec.hyperparameters["lr"] == FAILING_LR:
@@ -50,10 +44,10 @@ def swept(prefect_harness, http_server, cifar_tarball):
             deployed.append(spec.name)
             return deploy(self, spec, on_log)
 
-        mp.setattr(LocalBackend, "train", failing_train)
-        mp.setattr(LocalBackend, "deploy", recorded_deploy)
-        config = sweep_config(http_server, cifar_tarball, [0.02, FAILING_LR, 0.03],
-                              max_parallel=2)
+        mp.setattr(LocalTrainingJobs, "run", failing_train)
+        mp.setattr(LocalEndpoints, "deploy", recorded_deploy)
+        config = sweep_config(local_config(http_server, cifar_tarball),
+                              [0.02, FAILING_LR, 0.03], max_parallel=2)
         state = cifar10_sweep(config, return_state=True)
     return state, deployed
 
@@ -84,8 +78,8 @@ def test_points_train_concurrently_and_only_the_winner_is_hosted(swept):
     assert [p.winner for p in summary.points].count(True) == 1 and best.winner
     assert deployed == [summary.endpoint.name]
     assert summary.smoke_test.accuracy >= 0.5
-    assert LocalBackend().describe_endpoint(summary.endpoint.name) is None  # deleted
-    assert LocalBackend().list_endpoints() == []
+    assert LocalBackend().endpoints.describe(summary.endpoint.name) is None  # deleted
+    assert LocalBackend().endpoints.list() == []
     assert list(summary.stages) == ["download", "upload", "fit", "deploy", "smoke_predict",
                                     "delete_endpoint", "register"]
     assert summary.cost.usd == 0.0
@@ -110,7 +104,7 @@ def test_every_completed_point_is_registered_the_winner_through_the_gate(swept):
     assert loser.registry.status == REJECTED
     assert winner.registry.version < loser.registry.version  # registered first
     assert f"< the winner's {winner.test_accuracy:.4f}" in loser.registry.reason
-    versions = {v.version: v for v in LocalBackend().list_model_versions("cifar10-pipeline")}
+    versions = {v.version: v for v in LocalBackend().registry.versions("cifar10-pipeline")}
     assert versions[winner.registry.version].metrics["smoke_accuracy"] == \
         summary.smoke_test.accuracy
     assert "smoke_accuracy" not in versions[loser.registry.version].metrics
@@ -134,11 +128,11 @@ def test_a_sweep_whose_points_all_fail_fails_without_an_endpoint(prefect_harness
     def lost(self, spec, on_log=None):
         raise RuntimeError("injected: no capacity")
 
-    monkeypatch.setattr(LocalBackend, "train", lost)
-    monkeypatch.setattr(LocalBackend, "deploy", lambda *a, **k: pytest.fail("deployed"))
+    monkeypatch.setattr(LocalTrainingJobs, "run", lost)
+    monkeypatch.setattr(LocalEndpoints, "deploy", lambda *a, **k: pytest.fail("deployed"))
     # (learning rates no other test trained: a completed training would be reused instead)
-    state = cifar10_sweep(sweep_config(http_server, cifar_tarball, [0.011, 0.012]),
-                          return_state=True)
+    state = cifar10_sweep(sweep_config(local_config(http_server, cifar_tarball),
+                                       [0.011, 0.012]), return_state=True)
     assert state.is_failed()
     with pytest.raises(SweepFailed, match=r"all 2 points failed.*no capacity"):
         state.result()

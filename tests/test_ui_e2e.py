@@ -32,9 +32,10 @@ from deployments.definitions import pipeline_parameters
 from flows.pipeline import resource_name
 from tests.support import live
 from tests.support.browser import Browser, find_chromium
-from tests.support.pipeline import ARTIFACT_KEYS, REPO, config_for
+from tests.support.configs import local_config
+from tests.support.pipeline import ARTIFACT_KEYS, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.long_running, pytest.mark.slow]
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -141,7 +142,7 @@ def test_the_cli_rejects_bad_parameters_before_anything_starts(server, served):
 def triggered_run(server, served, http_server, cifar_tarball) -> dict[str, Any]:
     """`prefect deployment run` as in the README, with the config overridden to the generated
     data and fast hyperparameters; waits for the run to end."""
-    config = config_for(http_server, cifar_tarball).model_dump(mode="json", exclude_defaults=True)
+    config = local_config(http_server, cifar_tarball).model_dump(mode="json", exclude_defaults=True)
     code, output = prefect(server, "deployment", "run", "cifar10-pipeline/nightly",
                            "--params", json.dumps({"config": config}))
     assert code == 0, output

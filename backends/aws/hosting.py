@@ -33,7 +33,9 @@ from backends.base import (
     EndpointFailed,
     EndpointInfo,
     EndpointSpec,
+    Invocation,
     LogCallback,
+    invoke_through,
 )
 from backends.polling import poll
 
@@ -50,6 +52,17 @@ class AwsEndpoints:
     @property
     def sm(self) -> Any:
         return self.aws.sagemaker
+
+    def runtime_client(self, endpoint_name: str) -> Any:
+        """boto3's ``sagemaker-runtime`` client for this region (``AWS_ENDPOINT_URL_SAGEMAKER_
+        RUNTIME`` redirects it, as for any boto3 client). No DescribeEndpoint first: a missing
+        endpoint is InvokeEndpoint's own clear ValidationError."""
+        return self.aws.runtime
+
+    def invoke(self, endpoint_name: str, body: bytes, content_type: str,
+               accept: str = "application/json") -> Invocation:
+        with aws_errors(f"invoking endpoint {endpoint_name}"):
+            return invoke_through(self.aws.runtime, endpoint_name, body, content_type, accept)
 
     def image(self, instance_type: str) -> str:
         return pytorch_image("inference", self.aws.region, self.options.inference_framework_version,

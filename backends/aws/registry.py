@@ -33,7 +33,7 @@ from backends.base import (
     Registration,
     champion,
 )
-from model_src.cifar import JSON, NPY
+from model_src.contract import JSON, NPY
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,14 @@ REPORT_ATTEMPTS = 3
 
 
 class AwsRegistry:
-    def __init__(self, aws: AwsSession, options: AwsOptions, bucket: Callable[[], str]) -> None:
+    def __init__(self, aws: AwsSession, options: AwsOptions, bucket: Callable[[], str],
+                 inference_image: Callable[[str], str]) -> None:
+        """``inference_image``: the serving container for an instance type, which every
+        version names (``AwsEndpoints.image``)."""
         self.aws = aws
         self.options = options
         self.bucket = bucket
+        self.inference_image = inference_image
 
     @property
     def sm(self) -> Any:
@@ -86,7 +90,8 @@ class AwsRegistry:
                 return True
         return False
 
-    def register(self, spec: ModelVersionSpec, decide: Decide, image: str) -> Registration:
+    def register(self, spec: ModelVersionSpec, decide: Decide) -> Registration:
+        image = self.inference_image(spec.instance_type)
         existed = self.ensure_group(spec.group, spec.tags)
         report = self._put_metrics(spec)
         metadata = {**{k: _fit(v) for k, v in spec.lineage.items()},

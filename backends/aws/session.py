@@ -17,6 +17,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
+from backends.aws.boto_adapter import botocore_session_of
 from backends.aws.errors import CREDENTIALS_HELP, REGION_HELP
 from backends.base import ConfigurationError
 
@@ -51,8 +52,8 @@ def session_from_factory(factory: SessionFactory, region: str | None) -> boto3.S
     """A session made by ``factory`` (a credentials block's), sharing the service-model cache.
     The one place such sessions are made: tests replace it to observe every call."""
     session = factory(region)
-    # boto3 exposes no public accessor for its botocore session; nothing is loaded yet.
-    session._session.register_component("data_loader", _MODEL_LOADER)
+    # Nothing is loaded yet: the loader still takes effect.
+    botocore_session_of(session).register_component("data_loader", _MODEL_LOADER)
     return session
 
 

@@ -12,15 +12,15 @@ created with boto3, under our own name. Why not ``ModelTrainer.train()``:
   CloudWatch lines into the Prefect log callback and bounds the wait.
 
 Building the request uses ``ModelTrainer._create_training_job_args(boto3=True)``, the method
-``train()`` itself calls (and the one SageMaker Pipelines use). It is private API, so
-``tests/test_aws_backend.py`` checks the request it produces, field by field, with botocore's
-Stubber; the SDK is pinned below 4.
+``train()`` itself calls (and the one SageMaker Pipelines use). It is private API, so it is
+called through ``backends.aws.sdk_adapter`` (with the SDK's other private API this backend
+uses), and ``tests/test_aws_backend.py`` checks the request it produces, field by field, with
+botocore's Stubber; the SDK is pinned below 4.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import threading
@@ -37,6 +37,7 @@ from backends.aws.faults import CREDENTIALS, QuotaRefusal, fault_kind, quota_ref
 from backends.aws.images import pytorch_image
 from backends.aws.logs import LOG_GROUP, TrainingLogTail
 from backends.aws.s3 import read_tar_member, s3_uri
+from backends.aws.sdk_adapter import staging_in_own_bucket, training_job_request
 from backends.aws.session import AwsSession
 from backends.base import (
     TRAINING_CHANNEL,
@@ -51,14 +52,18 @@ from backends.base import (
 from backends.job_names import existing_jobs, job_to_run
 from backends.polling import poll
 from backends.settings import SOURCE_DIR
-from model_src.cifar import METRICS_FILE, SOURCE_IGNORE, TRAINING_PROGRAM, metric_regex
+from model_src.contract import (
+    METRIC_NAMES,
+    METRICS_FILE,
+    SAGEMAKER_CHECKPOINT_DIR,
+    SOURCE_IGNORE,
+    TRAINING_PROGRAM,
+    metric_regex,
+)
 
 TERMINAL = {"Completed", "Failed", "Stopped"}
-# What the entry script logs as "name=value;" lines (model_src/cifar.py's metric_line).
-METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "epoch_seconds", "test_loss",
-                "test_accuracy", "train_seconds")
+# What the entry script logs as "name=value;" lines (model_src/contract.py's metric_line).
 METRIC_DEFINITIONS = [{"Name": name, "Regex": metric_regex(name)} for name in METRIC_NAMES]
-CHECKPOINT_DIR = "/opt/ml/checkpoints"
 
 # Following a job through AWS faults: the retry lives here, in the backend, and not in the fit
 # task's retries (tasks/retries.py). Only here is a transient fault told apart from the job's
@@ -165,10 +170,8 @@ class AwsTrainingJobs:
                 ).with_metric_definitions(
                     [MetricDefinition(name=d["Name"], regex=d["Regex"])
                      for d in METRIC_DEFINITIONS])
-                request = trainer._create_training_job_args(
-                    input_data_config=[InputData(channel_name=TRAINING_CHANNEL,
-                                                 data_source=spec.data_uri)],
-                    boto3=True)
+                request = training_job_request(
+                    trainer, [InputData(channel_name=TRAINING_CHANNEL, data_source=spec.data_uri)])
             except RoleValidationError as e:
                 raise ConfigurationError(f"{doing}: {e}") from e
         request["TrainingJobName"] = spec.job_name
@@ -191,13 +194,20 @@ class AwsTrainingJobs:
         if not self.options.use_spot:
             return None
         root = f"{self.options.prefix}/training-jobs/{chain}/checkpoints"
-        return CheckpointConfig(s3_uri=s3_uri(self.bucket(), root), local_path=CHECKPOINT_DIR)
+        return CheckpointConfig(s3_uri=s3_uri(self.bucket(), root),
+                                local_path=SAGEMAKER_CHECKPOINT_DIR)
 
     # -- running ---------------------------------------------------------------------------
 
     def describe(self, name: str) -> dict[str, Any] | None:
         return unless_missing(f"describing training job {name}",
                               self.aws.sagemaker.describe_training_job, TrainingJobName=name)
+
+    def completed(self, name: str) -> TrainingResult | None:
+        described = self.describe(name)
+        if described is None or described["TrainingJobStatus"] != "Completed":
+            return None
+        return self.result(described)
 
     def status(self, name: str) -> str | None:
         described = self.describe(name)
@@ -418,22 +428,6 @@ class JobWatch:
         return BackendError(
             f"training job {self.name} is still {status} after {elapsed:.0f}s, past its "
             f"stopping condition plus {self.jobs.options.training_wait_slack_seconds:.0f}s")
-
-
-@functools.cache
-def staging_in_own_bucket() -> type:
-    """ModelTrainer, staging the code always in the session's bucket under the key prefix we
-    give it. The SDK otherwise asks IAM (SimulatePrincipalPolicy) whether the role may write
-    anywhere in that bucket and, when the answer is no (the least-privilege role may write only
-    under the pipeline's prefix), stages under the output path's prefix *and* ours:
-    PREFIX/training-jobs/PREFIX/training-jobs/JOB/..."""
-    from sagemaker.train import ModelTrainer
-
-    class PipelineModelTrainer(ModelTrainer):
-        def _resolve_staging_bucket(self) -> tuple[str, None]:
-            return self.sagemaker_session.default_bucket(), None
-
-    return PipelineModelTrainer
 
 
 def billable_seconds(described: dict[str, Any]) -> int:

@@ -253,10 +253,10 @@ def _describe_endpoint(endpoints: LocalEndpoints, name: str):  # -> EndpointInfo
 
 def _server_alive(endpoints: LocalEndpoints, name: str) -> bool:
     try:
-        record = endpoints.records.read(name) or {}
+        record = endpoints.records.read(name)
     except RECORD_ERRORS:
         return False  # a damaged record comes from a crash its server did not outlive
-    return processes.is_running(record.get("pid"), record.get("pid_start"))
+    return record is not None and processes.is_running(record.pid, record.pid_start)
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from backends.base import VARIANT
 from backends.files import safe_extract
-from model_src.cifar import CODE_DIR, INFERENCE_PROGRAM
+from model_src.contract import CODE_DIR, INFERENCE_PROGRAM
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints accept at most 6 MiB
 DRAIN_LIMIT = 4 * MAX_PAYLOAD_BYTES  # read (and drop) oversized bodies up to this size
@@ -472,7 +472,8 @@ def serve(name: str, endpoint_dir: Path, model_path: Path, environment: dict[str
     model = handlers.model_fn(str(model_dir))
     app = create_app(handlers, model, name, limits or ServerLimits.from_environment())
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets that say so, and
-    # without it Nagle's algorithm adds ~40 ms to every response.
+    # without it Nagle's algorithm holds every small response back until the client's delayed
+    # acknowledgement arrives.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if record is None:
         print(f"no record for endpoint {args.name} under {args.root}", file=sys.stderr)
         return 2
-    environment = record.get("environment") or {}
+    environment = record.environment
     try:
         limits = ServerLimits.from_environment({**os.environ, **environment})
     except ValueError as e:
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(records.endpoint_dir(args.name) / LOG_FILE, limits)
     stop_routing = route_output_to_log(logging.getLogger("cifar10.endpoint.output"))
     try:
-        serve(args.name, records.endpoint_dir(args.name), Path(record["model_path"]),
+        serve(args.name, records.endpoint_dir(args.name), Path(record.model_path or ""),
               environment, args.host, limits=limits,
               on_ready=lambda port: records.mark_in_service(args.name, args.host, port))
     except Exception as e:

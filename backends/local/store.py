@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from backends.base import UploadReport
+from backends.base import LogCallback, UploadReport
 from backends.files import atomic_copy, atomic_write_text, sha256_file
 
 MANIFEST = ".manifest.json"
@@ -24,7 +24,8 @@ def path_from_uri(uri: str) -> Path:
 
 
 class LocalStore:
-    """Keys map to paths under ``root``; URIs are ``file://`` URLs to those paths."""
+    """Keys map to paths under ``root``; URIs are ``file://`` URLs to those paths. The local
+    backend's ``Storage``: training data goes to the key ``data``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -74,3 +75,23 @@ class LocalStore:
             removed += 1
         atomic_write_text(manifest_path, json.dumps(current, indent=1, sort_keys=True))
         return UploadReport(self.uri(key), uploaded, skipped, removed, nbytes)
+
+    def upload(self, local_dir: Path, on_log: LogCallback | None = None) -> str:
+        report = self.upload_dir(Path(local_dir), "data")
+        if on_log:
+            on_log(report.summary())
+        return report.uri
+
+    def exists(self, uri: str) -> bool:
+        return uri.startswith("file://") and path_from_uri(uri).is_file()
+
+    def why_not_reusable(self, uri: str) -> str | None:
+        """Only artifacts in this store are reused: a file elsewhere (another state directory's,
+        one a registry record points at by hand) may change or vanish under us, and retention,
+        which keeps what the registry needs, only looks after the store."""
+        if not uri.startswith("file://"):
+            return "it is not a file:// URI"
+        path = path_from_uri(uri).resolve()
+        if not path.is_relative_to(self.root):
+            return f"it is outside this backend's store ({self.root})"
+        return None if path.is_file() else "it does not exist"

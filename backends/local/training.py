@@ -54,7 +54,8 @@ from backends.local import processes
 from backends.local.launcher import Launched, launch
 from backends.local.retention import BoundedLog, RetentionPolicy, owned_temp_prefix
 from backends.local.store import MANIFEST, LocalStore, path_from_uri
-from model_src.cifar import METRICS_FILE, SOURCE_IGNORE
+from backends.settings import usable_cpus
+from model_src.contract import CHECKPOINT_DIR_ENV, METRICS_FILE, SOURCE_IGNORE
 
 FAILURE_REASON_LIMIT = 1024  # SageMaker truncates FailureReason to 1024 characters
 JOB_STATUSES = ("InProgress", "Completed", "Failed", "Stopped")
@@ -102,17 +103,6 @@ def _record_from(data: dict[str, Any]) -> JobRecord:
             or not isinstance(record.processes, list) or not isinstance(record.name, str):
         raise ValueError("a field holds a value of the wrong kind")
     return record
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), which
-    can be fewer than the machine has, and no more than an OMP_NUM_THREADS the user set (the
-    machine is shared with other work)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        cpus = min(cpus or 1, int(limit))
-    return cpus or 1
 
 
 def _gpu_count() -> int:
@@ -189,6 +179,12 @@ class LocalTrainingJobs:
             metrics=metrics, billable_seconds=record.billable_seconds,
             log_location=str(self.job_dir(record.name) / "training.log"),
         )
+
+    def completed(self, name: str) -> TrainingResult | None:
+        record = self.describe(name)
+        if record is None or record.status != "Completed":
+            return None
+        return self.result(record)
 
     def stop(self, name: str) -> bool:
         """Stops the running job of ``name``'s chain (``backends.job_names``): its hosts
@@ -468,7 +464,7 @@ class LocalTrainingJobs:
             "OMP_NUM_THREADS": str(cpus),
             # One checkpoint directory for all hosts (SageMaker syncs each instance's
             # /opt/ml/checkpoints with one S3 prefix): rank 0 writes, every rank resumes.
-            "CIFAR10_CHECKPOINT_DIR": str(root.parent / "checkpoints"),
+            CHECKPOINT_DIR_ENV: str(root.parent / "checkpoints"),
             "PYTHONUNBUFFERED": "1",
         })
         for key, value in hyperparameters.items():

@@ -38,7 +38,7 @@ from backends.files import (
     safe_extract,
     sha256_file,
 )
-from model_src.cifar import BATCH_DIR, find_batch_dir
+from model_src.contract import BATCH_DIR, find_batch_dir
 
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -1,5 +1,5 @@
-"""What made a model, and whether it may replace the one the team trusts: the digest of the
-shipped code, the training cache key, and the promotion gate."""
+"""What made a model: the digest of the shipped code and the training cache key. (Whether it
+may replace the one the team trusts is tasks.lib.promotion_gate's question.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from backends.base import APPROVED, PENDING, REJECTED, ModelVersion
-from model_src.cifar import SOURCE_IGNORE
+from model_src.contract import SOURCE_IGNORE
 
 
 def code_digest(source_dir: Path) -> str:
@@ -36,26 +35,3 @@ def cache_key(*, data_md5: str, code: str, hyperparameters: dict[str, object],
                 "instance_type": instance_type, "instance_count": instance_count,
                 "backend": backend}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def decide(test_accuracy: float, smoke_passed: bool, smoke_accuracy: float,
-           accuracy_floor: float, champion: ModelVersion | None, tolerance: float,
-           auto_approve: bool) -> tuple[str, str]:
-    """(status, reason) of a new version. Approved when its smoke test passed and its test
-    accuracy is at least the champion's minus ``tolerance`` (the first version: when its smoke
-    test passed); else Rejected. With ``auto_approve`` off a person decides: pending."""
-    if not smoke_passed:
-        return REJECTED, (f"smoke test failed: {smoke_accuracy:.3f} < floor "
-                          f"{accuracy_floor:.3f}")
-    if champion is None:
-        verdict, why = APPROVED, f"first version, smoke test passed ({smoke_accuracy:.3f})"
-    else:
-        bar = champion.metrics.get("test_accuracy", 0.0) - tolerance
-        comparison = (f"{test_accuracy:.4f} {'>=' if test_accuracy >= bar else '<'} champion "
-                      f"v{champion.version} {champion.metrics.get('test_accuracy', 0.0):.4f} - "
-                      f"{tolerance:g}")
-        verdict = APPROVED if test_accuracy >= bar else REJECTED
-        why = comparison
-    if not auto_approve:
-        return PENDING, f"awaiting manual approval (the gate says {verdict.lower()}: {why})"
-    return verdict, why

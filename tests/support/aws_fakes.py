@@ -26,6 +26,7 @@ moto gaps and the shims for them (each used only here):
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -56,6 +57,24 @@ TRAINING_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:
 INFERENCE_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "", None}
 RUNTIME_URL_ENV = "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"
+JOB = "cifar10-0123456789ab"  # a training job name of the pipeline's shape
+
+
+def described_job(status: str = "Completed", name: str = JOB, **extra: Any) -> dict[str, Any]:
+    """SageMaker's DescribeTrainingJob answer for a job of the pipeline's shape; ``extra``
+    adds or replaces fields."""
+    return {
+        "TrainingJobName": name,
+        "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{name}",
+        "TrainingJobStatus": status, "SecondaryStatus": status,
+        "AlgorithmSpecification": {"TrainingImage": TRAINING_IMAGE, "TrainingInputMode": "File"},
+        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1,
+                           "VolumeSizeInGB": 30},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 1800},
+        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{BUCKET}/cifar10-pipeline/training-jobs/"
+                                               f"{name}/output/model.tar.gz"},
+        "CreationTime": dt.datetime.now(dt.UTC), **extra,
+    }
 
 
 def isolate_aws_environment(mp: pytest.MonkeyPatch) -> None:
@@ -236,10 +255,10 @@ class SageMakerStandIn:
         self.endpoints.delete(params["EndpointName"])
 
     def running(self) -> list[str]:
-        return [e.name for e in self.endpoints.list()]
+        return [e.name for e in self.endpoints.all()]
 
     def close(self) -> None:
-        for endpoint in self.endpoints.list():
+        for endpoint in self.endpoints.all():
             self.endpoints.delete(endpoint.name)
         os.environ.pop(RUNTIME_URL_ENV, None)
 

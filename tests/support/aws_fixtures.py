@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,11 +94,12 @@ def sagemaker_calls(monkeypatch) -> CallRecorder:
 
 
 @pytest.fixture(scope="session")
-def trained_model(model_uri, local_backend) -> TrainedModel:
-    jobs = local_backend.jobs
-    result = jobs.result(jobs.describe("session-model"))
-    log = (jobs.job_dir("session-model") / "training.log").read_text().splitlines()
-    return TrainedModel(path_from_uri(model_uri).read_bytes(), result.metrics, log)
+def trained_model(session_training) -> TrainedModel:
+    """What a SageMaker training job of the pipeline leaves: the session's local training's
+    model.tar.gz, metrics and log."""
+    log = Path(session_training.log_location).read_text().splitlines()
+    return TrainedModel(path_from_uri(session_training.model_uri).read_bytes(),
+                        session_training.metrics, log)
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flows.config import PipelineConfig
-from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, MotoAccount, SageMakerStandIn
-from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
+from tests.support.aws_fakes import MotoAccount, SageMakerStandIn
+from tests.support.pipeline import processes_under
 from tests.support.reporting import ReportTable, Row, report_table
 
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"  # its sitecustomize.py
@@ -89,26 +88,6 @@ def parent_of(pid: int) -> int | None:
 def children_of(pid: int) -> list[int]:
     return [int(p.name) for p in Path("/proc").glob("[0-9]*")
             if int(p.name) != os.getpid() and parent_of(int(p.name)) == pid]
-
-
-def local_config(http_server: str, cifar_tarball: tuple[str, str]) -> PipelineConfig:
-    """A fast run on the generated data served over loopback HTTP."""
-    name, md5 = cifar_tarball
-    return PipelineConfig.model_validate({
-        "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
-                     "batch_size": FAST_HYPERPARAMETERS["batch-size"]},
-        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
-    })
-
-
-def aws_config(http_server: str, cifar_tarball: tuple[str, str]) -> PipelineConfig:
-    """The same on the AWS backend, with the moto account's bucket and role."""
-    return PipelineConfig.model_validate({
-        **local_config(http_server, cifar_tarball).model_dump(mode="json"),
-        "backend": "aws",
-        "aws": {"region": REGION, "role_arn": ROLE_ARN, "bucket": BUCKET},
-    })
 
 
 def aws_leaks(aws: MotoAccount, stand_in: SageMakerStandIn) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """The pipeline as the tests run it: the repository's paths, the SageMaker training environment
-for the entry script, fast hyperparameters for generated data, the flow's config over the test
-HTTP server, its artifacts, and the model code as a serving container imports it."""
+for the entry script, fast hyperparameters for generated data, a flow run's artifacts, and the
+model code as a serving container imports it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
-
-from flows.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_SRC = REPO / "model_src"
@@ -69,20 +67,6 @@ def import_handlers(code_dir: Path, program: str = "inference") -> ModuleType:
         for name in (*SHIPPED_MODULES, program):
             sys.modules.pop(name, None)
         sys.modules.update(saved)
-
-
-def config_for(http_server: str, cifar_tarball: tuple[str, str], **overrides) -> PipelineConfig:
-    """The flow's config for the generated archive served by the test HTTP server, with fast
-    hyperparameters and a smoke test the generated data passes."""
-    name, md5 = cifar_tarball
-    training = {"epochs": FAST_HYPERPARAMETERS["epochs"], "learning_rate": 0.02,
-                "batch_size": FAST_HYPERPARAMETERS["batch-size"]}
-    return PipelineConfig.model_validate({
-        "data": {"url": f"{http_server}/{name}", "md5": md5},
-        "training": training,
-        "smoke_test": {"images": 100, "accuracy_floor": 0.5},
-        **overrides,
-    })
 
 
 def artifacts_of(flow_run_id) -> dict[str, object]:

@@ -1,9 +1,11 @@
-"""What the training job, the model artifact and the pipeline agree on, without torch: the class
-names, the safe reader of CIFAR-10's batch files, the artifact's file names, and the format of
-the training log's metric lines.
+"""The contract between the container and the orchestrator: everything the training job, the
+model artifact and the pipeline must agree on, without torch. The class names, the safe reader
+of CIFAR-10's batch files, the artifact's file names, the checkpoint directory and its
+variable, the training log's metric lines and names, and SageMaker's resource-name rule.
 
-Shipped with the training and inference code (imported flat there, as ``cifar``) and imported
-by the orchestrating process as ``model_src.cifar``, which must not load torch.
+Shipped with the training and inference code (imported flat there, as ``contract``) and
+imported by the orchestrating process as ``model_src.contract``, which must not load torch.
+A constant that both sides use lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ SOURCE_IGNORE = ("__pycache__", "*.pyc", ".*")
 # Request and response media types of the endpoint.
 NPY = "application/x-npy"
 JSON = "application/json"
+
+# Checkpoints: where the entry script saves one after every epoch and resumes from. SageMaker
+# syncs this directory with CheckpointConfig's S3 URI and restores it when a job restarts.
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# The local backend has no /opt/ml: it names each job's checkpoint directory in this variable.
+CHECKPOINT_DIR_ENV = "CIFAR10_CHECKPOINT_DIR"
+
+# SageMaker's rule for the names of training jobs, endpoints and model package groups: letters,
+# digits and single or repeated hyphens, starting and ending with a letter or digit.
+MAX_NAME_LENGTH = 63
+NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
 
 
 # -- batch files ------------------------------------------------------------------------------
@@ -94,6 +107,12 @@ def find_batch_dir(root: Path) -> Path:
 
 
 # -- the training log's metric lines ------------------------------------------------------------
+
+# The numeric metrics the entry script logs as ``name=value;`` pairs: per epoch, then once at
+# the end. SageMaker's metric definitions scrape exactly these.
+EPOCH_METRICS = ("epoch", "train_loss", "train_accuracy", "epoch_seconds")
+FINAL_METRICS = ("test_loss", "test_accuracy", "train_seconds")
+METRIC_NAMES = EPOCH_METRICS + FINAL_METRICS
 
 # One ``name=value;`` pair: what SageMaker metric definitions and the pipeline's progress read.
 METRIC_PAIR = re.compile(r"\b(\w+)=([^;\s]+);")
