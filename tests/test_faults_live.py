@@ -240,6 +240,7 @@ class KilledRun:
     started: float
     reaped: list[str] = field(default_factory=list)
     leaks: dict[str, Any] = field(default_factory=dict)
+    state_after_kill: str = ""  # the run's state type right after the kill, as Prefect says
 
 
 def run_until_smoke_then_kill(args: list[str], env: dict[str, str], control: Path,
@@ -350,6 +351,9 @@ def killed_runs(server, served, moto_server, trained_model, http_server,
         aws = pool.submit(stack.enter_context, killed_aws_run_on(
             server, moto_server, trained_model, http_server, cifar_tarball))
         futures.wait([local, aws])
+        # Read now: the crash detection (another test, in any order) marks them Crashed later.
+        for killed in (local.result(), aws.result()):
+            killed.state_after_kill = flow_run(server, killed.run_id)["state_type"]
         yield local.result(), aws.result()
 
 
@@ -372,7 +376,7 @@ def test_sigkill_unsupervised_local_run_then_the_reaper(server, killed_local_run
     survivor = backend.endpoints.describe(killed.name)
     assert survivor is not None and survivor.status == "InService", survivor
     assert alive(killed.server_pid)
-    assert flow_run(server, killed.run_id)["state_type"] == "RUNNING"
+    assert killed.state_after_kill == "RUNNING"
 
     killed.reaped = reap_with_the_cli(server, home)
     killed.leaks = local_leaks(home)
@@ -388,7 +392,7 @@ def test_sigkill_unsupervised_aws_run_then_the_reaper(server, killed_aws_run):
                   "models": [killed.name]}
     assert killed.account.sagemaker_resources() == everything
     assert alive(killed.server_pid)  # the stand-in's "instance" serving the endpoint
-    assert flow_run(server, killed.run_id)["state_type"] == "RUNNING"
+    assert killed.state_after_kill == "RUNNING"
 
     # The reaper (what the CLI and the reaper flow run) on a backend whose boto3 session has
     # the stand-in attached: its DeleteEndpoint stops the model server, as AWS would.

@@ -52,11 +52,12 @@ def first_run(module_pipeline_home, prefect_harness, http_server, cifar_tarball,
 @pytest.fixture(scope="module")
 def second_run(first_run, module_pipeline_home, prefect_harness, http_server, cifar_tarball,
                http_log):
-    """The same run again: (its state, its HTTP requests, the training jobs before it)."""
+    """The same run again: (its state, its HTTP requests, the training jobs before it and
+    after it: taken here, since other tests of the module train in any order)."""
     trained_jobs = jobs(module_pipeline_home)
     before = len(http_log)
     state = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
-    return state, http_log[before:], trained_jobs
+    return state, http_log[before:], trained_jobs, jobs(module_pipeline_home)
 
 
 def test_flow_runs_every_stage_and_tears_down(first_run):
@@ -88,7 +89,7 @@ def test_flow_publishes_its_artifacts(first_run):
 
 
 def test_second_run_reuses_the_cached_download(second_run):
-    state, requests, _ = second_run
+    state, requests, _, _ = second_run
     assert state.is_completed(), state.message
     assert state.result().data.reused is True
     assert requests == []  # no request reached the server
@@ -97,14 +98,14 @@ def test_second_run_reuses_the_cached_download(second_run):
 # -- the training cache ---------------------------------------------------------------------
 
 
-def test_an_unchanged_run_reuses_the_training(first_run, second_run, module_pipeline_home):
-    first, (state, _, trained_jobs) = first_run[0].result(), second_run
+def test_an_unchanged_run_reuses_the_training(first_run, second_run):
+    first, (state, _, trained_jobs, jobs_after) = first_run[0].result(), second_run
     assert first.training.cached_from is None and first.training.billable_seconds > 0
     again = state.result()
     assert again.training.cached_from == first.training.job_name
     assert again.training.model_uri == first.training.model_uri
     assert again.training.billable_seconds == 0
-    assert jobs(module_pipeline_home) == trained_jobs  # no new training job
+    assert jobs_after == trained_jobs  # no new training job
     # The same model, already registered: named, not registered again.
     assert (again.registry.version, again.registry.reused) == (first.registry.version, True)
     assert again.registry.status == first.registry.status == APPROVED
@@ -145,7 +146,7 @@ def test_other_data_trains_anew(first_run, http_server, http_root):
     assert summary.data.md5 == md5 and summary.training.cached_from is None
 
 
-def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, cifar_tarball):
+def test_accuracy_under_the_floor_fails_the_run(first_run, http_server, cifar_tarball):
     from tasks.endpoint import AccuracyBelowFloor
 
     config = local_config(http_server, cifar_tarball,
@@ -157,7 +158,7 @@ def test_accuracy_under_the_floor_fails_the_run(prefect_harness, http_server, ci
     assert_no_endpoint_left(state.state_details.flow_run_id)
 
 
-def test_keep_endpoint_leaves_it_running(prefect_harness, http_server, cifar_tarball):
+def test_keep_endpoint_leaves_it_running(first_run, http_server, cifar_tarball):
     config = local_config(http_server, cifar_tarball, endpoint={"keep": True})
     state = cifar10_pipeline(config, return_state=True)
     assert state.is_completed(), state.message
