@@ -184,6 +184,15 @@ def install_failure_notice(block_name: str) -> Automation:
     return install(failure_notice_automation(block_id))
 
 
+def install_failure_notice_or_exit(block_name: str) -> None:
+    """``install_failure_notice`` for the command-line entry points: a block that is not
+    there ends the command with one line."""
+    try:
+        install_failure_notice(block_name)
+    except NoSuchBlock as e:
+        sys.exit(f"error: {e}")
+
+
 def installed_notice_block() -> str:
     """``type-slug/name`` of the block the installed failure notice sends to."""
     from prefect.client.orchestration import get_client
@@ -252,10 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"installed automation {automation.name!r} "
               f"({automation.trigger.within.total_seconds():.0f}s of silence)")
     if args.notify_block:
-        try:
-            install_failure_notice(args.notify_block)
-        except NoSuchBlock as e:
-            sys.exit(f"error: {e}")
+        install_failure_notice_or_exit(args.notify_block)
         print(f"installed automation {FAILURE_NOTICE!r} (to {args.notify_block})")
 
 if __name__ == "__main__":

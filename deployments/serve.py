@@ -17,10 +17,9 @@ import sys
 
 from deployments.automations import (
     MISSED_HEARTBEATS,
-    NoSuchBlock,
     crash_detection,
     install,
-    install_failure_notice,
+    install_failure_notice_or_exit,
 )
 from deployments.definitions import (
     PIPELINE_CRON,
@@ -85,10 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if automation is not None:
         install(automation)
     if args.notify_block:
-        try:
-            install_failure_notice(args.notify_block)
-        except NoSuchBlock as e:
-            sys.exit(f"error: {e}")
+        install_failure_notice_or_exit(args.notify_block)
         print(f"failed, crashed and timed-out runs are sent to {args.notify_block}")
 
     from prefect import serve
