@@ -1,5 +1,5 @@
 """Small generated datasets in CIFAR-10's "python version" format, for the benchmarks that
-measure the machinery (servers, processes, Prefect) rather than learning.
+measure the machinery (servers, processes, Prefect) rather than learning, and for the tests.
 
 Each class has a fixed smooth colour template; an image is its template plus noise, so a small
 network learns them in an epoch or two and the smoke test's accuracy floor means something.
@@ -53,6 +53,9 @@ def make_cifar_dir(root: Path, train_batches: int = 2, per_batch: int = 250, tes
         write_batch(batch_dir / f"data_batch_{i}", *make_images(per_batch, rng, templates),
                     f"training batch {i}")
     write_batch(batch_dir / "test_batch", *make_images(test, rng, templates), "testing batch 1")
+    with open(batch_dir / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [name.encode() for name in CLASSES],
+                     b"num_cases_per_batch": per_batch, b"num_vis": PIXELS}, f, protocol=2)
     return batch_dir
 
 

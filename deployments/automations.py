@@ -99,7 +99,7 @@ def crash_detection(silence_seconds: int | None = None) -> Automation | None:
 FAILURE_NOTICE = "cifar10-pipeline: tell someone when a run fails"
 NOTIFY_FLOWS = ["cifar10-pipeline", "cifar10-sweep", "cifar10-endpoint-reaper"]
 FAILURE_EVENTS = {f"prefect.flow-run.{s}" for s in ("Failed", "Crashed", "TimedOut")}
-# The flows that host an endpoint, named after the run as flows.pipeline.resource_name names it
+# The flows that host an endpoint, named after the run as flows.run_context.resource_name names it
 # (NAME_PREFIX + the run id's first 12 hex digits): the template computes the same name.
 ENDPOINT_FLOWS = ["cifar10-pipeline", "cifar10-sweep"]
 NOTICE_SUBJECT = "{{ flow.name }} run {{ flow_run.name }} ended {{ flow_run.state.name }}"

@@ -8,12 +8,13 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:  # imported lazily below: --help must not pay for torch and Prefect
-    from backends.base import Backend as BackendClient
+    from backends.base import Backend
     from flows.config import PipelineConfig
 
 app = typer.Typer(
@@ -36,10 +37,42 @@ notify_app = typer.Typer(help="Tell someone when a run fails: a Prefect automati
                          no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
 
-Backend = Annotated[str, typer.Option("--backend", help="local or aws")]
+# Each option is declared once, here, and shared by the commands that take it. A parameter's
+# name is then free to change: the option keeps the name written here.
+BackendOption = Annotated[str, typer.Option("--backend", help="local or aws")]
+Region = Annotated[str | None, typer.Option("--region", help="AWS region (aws)")]
+RoleArn = Annotated[str | None, typer.Option("--role-arn", help="SageMaker execution role (aws)")]
+Bucket = Annotated[str | None, typer.Option("--bucket", help="S3 bucket (aws)")]
 CredentialsBlock = Annotated[str | None, typer.Option(
-    metavar="NAME", help="Prefect AwsCredentials block to take AWS credentials, assumed role and "
-                         "region from (aws; default: boto3's chain)")]
+    "--aws-credentials-block", metavar="NAME",
+    help="Prefect AwsCredentials block to take AWS credentials, assumed role and region from "
+         "(aws; default: boto3's chain)")]
+DataUrl = Annotated[str | None, typer.Option(
+    "--data-url", help="CIFAR-10 python archive URL (https://, http://, file://)")]
+DataMd5 = Annotated[str | None, typer.Option(
+    "--data-md5", help="its md5 (required for mirrors; 'none' skips the check)")]
+Precision = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16 only where the hardware computes it natively, else fp32), "
+                        "fp32 or bf16")]
+InstanceType = Annotated[str | None, typer.Option("--instance-type",
+                                                  help="training instance (aws)")]
+InstanceCount = Annotated[int, typer.Option("--instance-count",
+                                            help="training hosts per job, data-parallel")]
+EndpointInstanceType = Annotated[str | None, typer.Option("--endpoint-instance-type",
+                                                          help="hosting instance (aws)")]
+SmokeImages = Annotated[int, typer.Option("--smoke-images",
+                                          help="test images sent to the endpoint")]
+AccuracyFloor = Annotated[float, typer.Option("--accuracy-floor",
+                                              help="fail under this smoke-test accuracy")]
+KeepEndpoint = Annotated[bool, typer.Option("--keep-endpoint/--no-keep-endpoint",
+                                            help="leave the endpoint running")]
+Cache = Annotated[bool, typer.Option(
+    "--cache/--no-cache", help="reuse a completed training with the same data, code, "
+                               "hyperparameters and instances (--no-cache trains anew)")]
+JsonSummary = Annotated[bool, typer.Option("--json", help="print the summary as one JSON object "
+                                                          "on stdout")]
+JsonRows = Annotated[bool, typer.Option("--json", help="one JSON array on stdout")]
+Group = Annotated[str, typer.Option("--group", help="model package group")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -47,14 +80,31 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _backend(name: str, region: str | None = None) -> BackendClient:
-    """The backend for an ``endpoints`` command; use it inside ``_backend_errors()``."""
+def _backend(name: str, region: str | None = None,
+             credentials_block: str | None = None) -> Backend:
+    """The backend for an ``endpoints`` or ``models`` command; use it inside
+    ``_backend_errors()``. A named credentials block is read from the Prefect API now, as a
+    run reads it."""
     from flows.config import PipelineConfig, get_backend
 
     if name not in ("local", "aws"):
         _fail(f"unknown backend {name!r}; choose local or aws", 2)
-    return get_backend(PipelineConfig.model_validate({"backend": name,
-                                                      "aws": {"region": region}}))
+    with _invalid_options():
+        config = PipelineConfig.model_validate({"backend": name, "aws": _aws_settings(
+            region=region, credentials_block=credentials_block)})
+    if config.backend != "aws" or config.aws.credentials_block is None:
+        return get_backend(config)
+    with _prefect_api():
+        return get_backend(config)
+
+
+def _aws_settings(region: str | None = None, role_arn: str | None = None,
+                  bucket: str | None = None,
+                  credentials_block: str | None = None) -> dict[str, str]:
+    """The config's aws section with the options given (the others keep its defaults)."""
+    given = {"region": region, "role_arn": role_arn, "bucket": bucket,
+             "credentials_block": credentials_block}
+    return {key: value for key, value in given.items() if value}
 
 
 @contextmanager
@@ -71,36 +121,28 @@ def _backend_errors() -> Iterator[None]:
 
 @app.command()
 def run(
-    backend: Backend = "local",
-    data_url: Annotated[str | None, typer.Option(help="CIFAR-10 python archive URL "
-                                                      "(https://, http://, file://)")] = None,
-    data_md5: Annotated[str | None, typer.Option(help="its md5 (required for mirrors; "
-                                                      "'none' skips the check)")] = None,
+    backend: BackendOption = "local",
+    data_url: DataUrl = None,
+    data_md5: DataMd5 = None,
     model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~86%)")] = "tutorial",
     epochs: Annotated[float | None, typer.Option(help="passes over the training set, "
                                                     "fractions allowed; default: the "
                                                     "model preset's")] = None,
     batch_size: Annotated[int | None, typer.Option(help="default: the model preset's")] = None,
     lr: Annotated[float | None, typer.Option(help="default: the model preset's")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 only where the hardware computes "
-                                                "it natively, else fp32), fp32 or bf16")] = "auto",
-    instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,
-    instance_count: Annotated[int, typer.Option(help="training hosts, data-parallel")] = 1,
-    endpoint_instance_type: Annotated[str | None, typer.Option(help="hosting instance "
-                                                                    "(aws)")] = None,
-    smoke_images: Annotated[int, typer.Option(help="test images sent to the endpoint")] = 64,
-    accuracy_floor: Annotated[float, typer.Option(help="fail under this smoke-test "
-                                                       "accuracy")] = 0.4,
-    keep_endpoint: Annotated[bool, typer.Option(help="leave the endpoint running")] = False,
-    cache: Annotated[bool, typer.Option(help="reuse a completed training with the same data, "
-                                             "code, hyperparameters and instances "
-                                             "(--no-cache trains anew)")] = True,
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
-    role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
-    bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    precision: Precision = "auto",
+    instance_type: InstanceType = None,
+    instance_count: InstanceCount = 1,
+    endpoint_instance_type: EndpointInstanceType = None,
+    smoke_images: SmokeImages = 64,
+    accuracy_floor: AccuracyFloor = 0.4,
+    keep_endpoint: KeepEndpoint = False,
+    cache: Cache = True,
+    region: Region = None,
+    role_arn: RoleArn = None,
+    bucket: Bucket = None,
     aws_credentials_block: CredentialsBlock = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the run summary as one JSON "
-                                                         "object on stdout")] = False,
+    as_json: JsonSummary = False,
 ) -> None:
     """Run the whole pipeline: download, preview, upload, fit, deploy, smoke-predict, delete.
 
@@ -115,11 +157,31 @@ def run(
 
     cifar10-pipeline run --backend aws --aws-credentials-block my-aws --role-arn ARN
     """
+    options = PipelineOptions(
+        backend=backend, data_url=data_url, data_md5=data_md5, precision=precision,
+        instance_type=instance_type, instance_count=instance_count,
+        endpoint_instance_type=endpoint_instance_type, smoke_images=smoke_images,
+        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache, region=region,
+        role_arn=role_arn, bucket=bucket, aws_credentials_block=aws_credentials_block)
     with _invalid_options():
-        config = _config(locals())
+        config = options.config(model=model, epochs=epochs, batch_size=batch_size,
+                                learning_rate=lr)
     from flows.pipeline import cifar10_pipeline
 
     _run_flow(cifar10_pipeline, config, as_json)
+
+
+@contextmanager
+def _prefect_api() -> Iterator[None]:
+    """The Prefect API for a command that is not a run (the user's, else `make ui`'s, else a
+    temporary server); none, or an untrusted one, is one line, not a traceback."""
+    from flows.prefect_api import PrefectUnavailable, api_for_commands
+
+    try:
+        with api_for_commands(on_status=lambda line: typer.echo(line, err=True)):
+            yield
+    except PrefectUnavailable as e:
+        _fail(str(e))
 
 
 @contextmanager
@@ -181,29 +243,22 @@ def sweep(
     max_parallel: Annotated[int | None, typer.Option(help="training jobs at once (default: "
                                                           "local, one per CPU core; aws, "
                                                           "4)")] = None,
-    backend: Backend = "local",
-    data_url: Annotated[str | None, typer.Option(help="CIFAR-10 python archive URL")] = None,
-    data_md5: Annotated[str | None, typer.Option(help="its md5 ('none' skips the "
-                                                      "check)")] = None,
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16")] = "auto",
-    instance_type: Annotated[str | None, typer.Option(help="training instance (aws)")] = None,
-    instance_count: Annotated[int, typer.Option(help="hosts per training job")] = 1,
-    endpoint_instance_type: Annotated[str | None, typer.Option(help="hosting instance "
-                                                                    "(aws)")] = None,
-    smoke_images: Annotated[int, typer.Option(help="test images sent to the winner's "
-                                                   "endpoint")] = 64,
-    accuracy_floor: Annotated[float, typer.Option(help="fail under this smoke-test "
-                                                       "accuracy")] = 0.4,
-    keep_endpoint: Annotated[bool, typer.Option(help="leave the winner's endpoint "
-                                                     "running")] = False,
-    cache: Annotated[bool, typer.Option(help="reuse completed trainings of the same "
-                                             "points")] = True,
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
-    role_arn: Annotated[str | None, typer.Option(help="SageMaker execution role (aws)")] = None,
-    bucket: Annotated[str | None, typer.Option(help="S3 bucket (aws)")] = None,
+    backend: BackendOption = "local",
+    data_url: DataUrl = None,
+    data_md5: DataMd5 = None,
+    precision: Precision = "auto",
+    instance_type: InstanceType = None,
+    instance_count: InstanceCount = 1,
+    endpoint_instance_type: EndpointInstanceType = None,
+    smoke_images: SmokeImages = 64,
+    accuracy_floor: AccuracyFloor = 0.4,
+    keep_endpoint: KeepEndpoint = False,
+    cache: Cache = True,
+    region: Region = None,
+    role_arn: RoleArn = None,
+    bucket: Bucket = None,
     aws_credentials_block: CredentialsBlock = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the sweep summary as one "
-                                                         "JSON object on stdout")] = False,
+    as_json: JsonSummary = False,
 ) -> None:
     """Train one model per combination of the listed values, in parallel; host and
     smoke-test only the best (by test accuracy), then delete its endpoint; register every
@@ -216,14 +271,18 @@ def sweep(
     cifar10-pipeline sweep --model tutorial --epochs 1,2 --lr 0.03,0.05 --json
     """
     from flows.config import SweepConfig
-    grid = {"learning_rate": parse_list(lr, float), "epochs": parse_list(epochs, float),
-            "model": parse_list(model, str), "batch_size": parse_list(batch_size, int),
-            "seed": parse_list(seed, int)}
-    options = {**locals(), "model": grid["model"][0] if grid["model"] else "tutorial",
-               "epochs": None, "batch_size": None, "lr": None}
+
+    grid = _grid(lr=lr, epochs=epochs, model=model, batch_size=batch_size, seed=seed)
+    options = PipelineOptions(
+        backend=backend, data_url=data_url, data_md5=data_md5, precision=precision,
+        instance_type=instance_type, instance_count=instance_count,
+        endpoint_instance_type=endpoint_instance_type, smoke_images=smoke_images,
+        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache, region=region,
+        role_arn=role_arn, bucket=bucket, aws_credentials_block=aws_credentials_block)
     with _invalid_options():
+        base = options.config(model=grid["model"][0] if grid["model"] else "tutorial")
         config = SweepConfig.model_validate({
-            "base": _config(options).model_dump(),
+            "base": base.model_dump(),
             "grid": grid if any(grid.values()) else {},
             "max_parallel": max_parallel})
     from flows.sweep import cifar10_sweep
@@ -231,32 +290,60 @@ def sweep(
     _run_flow(cifar10_sweep, config, as_json)
 
 
-def _config(options: dict[str, Any]) -> PipelineConfig:
-    from flows.config import PipelineConfig
+def _grid(*, lr: str | None, epochs: str | None, model: str | None, batch_size: str | None,
+          seed: str | None) -> dict[str, list[Any]]:
+    """The sweep's grid from its comma-separated lists (an unswept field: [])."""
+    return {"learning_rate": parse_list(lr, float), "epochs": parse_list(epochs, float),
+            "model": parse_list(model, str), "batch_size": parse_list(batch_size, int),
+            "seed": parse_list(seed, int)}
 
-    data: dict[str, Any] = {}
-    if options["data_url"]:
-        data["url"] = options["data_url"]
-    if options["data_md5"]:
-        data["md5"] = None if options["data_md5"].lower() == "none" else options["data_md5"]
-    training = {"model": options["model"], "epochs": options["epochs"],
-                "batch_size": options["batch_size"], "learning_rate": options["lr"],
-                "precision": options["precision"],
-                "instance_count": options["instance_count"], "cache": options["cache"]}
-    if options["instance_type"]:
-        training["instance_type"] = options["instance_type"]
-    endpoint: dict[str, Any] = {"keep": options["keep_endpoint"]}
-    if options["endpoint_instance_type"]:
-        endpoint["instance_type"] = options["endpoint_instance_type"]
-    aws = {k: options[k] for k in ("region", "role_arn", "bucket") if options[k]}
-    if options["aws_credentials_block"]:
-        aws["credentials_block"] = options["aws_credentials_block"]
-    return PipelineConfig.model_validate({
-        "backend": options["backend"], "data": data, "training": training,
-        "endpoint": endpoint, "aws": aws,
-        "smoke_test": {"images": options["smoke_images"],
-                       "accuracy_floor": options["accuracy_floor"]},
-    })
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """The options ``run`` and ``sweep`` share, as given on the command line."""
+
+    backend: str
+    data_url: str | None
+    data_md5: str | None
+    precision: str
+    instance_type: str | None
+    instance_count: int
+    endpoint_instance_type: str | None
+    smoke_images: int
+    accuracy_floor: float
+    keep_endpoint: bool
+    cache: bool
+    region: str | None
+    role_arn: str | None
+    bucket: str | None
+    aws_credentials_block: str | None
+
+    def config(self, *, model: str, epochs: float | None = None, batch_size: int | None = None,
+               learning_rate: float | None = None) -> PipelineConfig:
+        """The pipeline's config: these options, the training's (unset: the model preset's),
+        and the config's defaults for the rest. Raises pydantic's ValidationError."""
+        from flows.config import PipelineConfig
+
+        data: dict[str, Any] = {}
+        if self.data_url:
+            data["url"] = self.data_url
+        if self.data_md5:
+            data["md5"] = None if self.data_md5.lower() == "none" else self.data_md5
+        training = {"model": model, "epochs": epochs, "batch_size": batch_size,
+                    "learning_rate": learning_rate, "precision": self.precision,
+                    "instance_count": self.instance_count, "cache": self.cache}
+        if self.instance_type:
+            training["instance_type"] = self.instance_type
+        endpoint: dict[str, Any] = {"keep": self.keep_endpoint}
+        if self.endpoint_instance_type:
+            endpoint["instance_type"] = self.endpoint_instance_type
+        return PipelineConfig.model_validate({
+            "backend": self.backend, "data": data, "training": training,
+            "endpoint": endpoint,
+            "aws": _aws_settings(region=self.region, role_arn=self.role_arn, bucket=self.bucket,
+                                 credentials_block=self.aws_credentials_block),
+            "smoke_test": {"images": self.smoke_images, "accuracy_floor": self.accuracy_floor},
+        })
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -274,14 +361,15 @@ def parse_duration(text: str) -> dt.timedelta:
 
 @endpoints_app.command("list")
 def list_endpoints(
-    backend: Backend = "local",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+    backend: BackendOption = "local",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+    as_json: JsonRows = False,
 ) -> None:
     """Pipeline-owned endpoints with their status, age and owner; "kept" marks those kept with
     --keep-endpoint, which the reaper never deletes."""
     with _backend_errors():
-        endpoints = _backend(backend, region).endpoints.list()
+        endpoints = _backend(backend, region, aws_credentials_block).endpoints.list()
     now = dt.datetime.now(dt.UTC)
     rows = [{"name": e.name, "status": e.status, "created": e.created.isoformat(),
              "age_minutes": round((now - e.created).total_seconds() / 60, 1),
@@ -306,21 +394,23 @@ def list_endpoints(
 @endpoints_app.command("delete")
 def delete(
     name: Annotated[str, typer.Argument(help="endpoint name")],
-    backend: Backend = "local",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    backend: BackendOption = "local",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
 ) -> None:
     """Delete an endpoint with its config and model, kept or not (a missing one is not an
     error)."""
     with _backend_errors():
-        deleted = _backend(backend, region).endpoints.delete(name)
+        deleted = _backend(backend, region, aws_credentials_block).endpoints.delete(name)
     typer.echo(f"{name}: {'deleted' if deleted else 'not found (nothing to delete)'}")
 
 
 @endpoints_app.command()
 def reap(
     older_than: Annotated[str, typer.Option(help="age, e.g. 30m, 2h, 1d")],
-    backend: Backend = "local",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    backend: BackendOption = "local",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
     dry_run: Annotated[bool, typer.Option(help="only say what would be deleted")] = False,
 ) -> None:
     """Delete pipeline-owned endpoints older than a TTL (what a crashed run left behind);
@@ -329,7 +419,8 @@ def reap(
 
     ttl = parse_duration(older_than)
     with _backend_errors():
-        report = reap_endpoints(_backend(backend, region), ttl, dry_run=dry_run)
+        report = reap_endpoints(_backend(backend, region, aws_credentials_block), ttl,
+                                dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for name in report.deleted:
         typer.echo(f"{verb} {name}")
@@ -340,9 +431,6 @@ def reap(
         typer.secho(f"error: could not delete {error}", fg=typer.colors.RED, err=True)
     if report.errors:
         raise typer.Exit(1)
-
-
-Group = Annotated[str, typer.Option("--group", help="model package group")]
 
 
 def _versions_table(versions: list, champion_version: int | None) -> list[dict[str, Any]]:
@@ -357,17 +445,18 @@ def _versions_table(versions: list, champion_version: int | None) -> list[dict[s
 
 @models_app.command("list")
 def list_models(
-    backend: Backend = "local",
+    backend: BackendOption = "local",
     group: Group = "cifar10-pipeline",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+    as_json: JsonRows = False,
 ) -> None:
     """The registered versions, oldest first, with their lineage; * marks the champion (the
     newest approved version)."""
     from backends.base import champion
 
     with _backend_errors():
-        versions = _backend(backend, region).registry.versions(group)
+        versions = _backend(backend, region, aws_credentials_block).registry.versions(group)
     best = champion(versions)
     rows = _versions_table(versions, best.version if best else None)
     if as_json:
@@ -391,38 +480,41 @@ def _smoke(accuracy: float | None) -> str:
 
 
 def _decide(backend: str, group: str, version: int, status: str, reason: str,
-            region: str | None) -> None:
+            region: str | None, aws_credentials_block: str | None) -> None:
     with _backend_errors():
-        updated = _backend(backend, region).registry.set_status(group, version, status, reason)
+        registry = _backend(backend, region, aws_credentials_block).registry
+        updated = registry.set_status(group, version, status, reason)
     typer.echo(f"{group} v{updated.version}: {updated.status} ({updated.reason})")
 
 
 @models_app.command()
 def approve(
     version: Annotated[int, typer.Argument(help="version number")],
-    backend: Backend = "local",
+    backend: BackendOption = "local",
     group: Group = "cifar10-pipeline",
     reason: Annotated[str, typer.Option(help="why")] = "approved by hand",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
 ) -> None:
     """Approve a version (it becomes the champion if it is the newest approved)."""
     from backends.base import APPROVED
 
-    _decide(backend, group, version, APPROVED, reason, region)
+    _decide(backend, group, version, APPROVED, reason, region, aws_credentials_block)
 
 
 @models_app.command()
 def reject(
     version: Annotated[int, typer.Argument(help="version number")],
-    backend: Backend = "local",
+    backend: BackendOption = "local",
     group: Group = "cifar10-pipeline",
     reason: Annotated[str, typer.Option(help="why")] = "rejected by hand",
-    region: Annotated[str | None, typer.Option(help="AWS region (aws)")] = None,
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
 ) -> None:
     """Reject a version."""
     from backends.base import REJECTED
 
-    _decide(backend, group, version, REJECTED, reason, region)
+    _decide(backend, group, version, REJECTED, reason, region, aws_credentials_block)
 
 
 BlockName = Annotated[str, typer.Option("--block", help="the notification block's name (or "
@@ -433,12 +525,11 @@ BlockName = Annotated[str, typer.Option("--block", help="the notification block'
 def _notify_errors() -> Iterator[None]:
     """No Prefect API, an untrusted one, or no such block: one line, no traceback."""
     from deployments.automations import NoSuchBlock
-    from flows.prefect_api import PrefectUnavailable, api_for_commands
 
     try:
-        with api_for_commands(on_status=lambda line: typer.echo(line, err=True)):
+        with _prefect_api():
             yield
-    except (PrefectUnavailable, NoSuchBlock) as e:
+    except NoSuchBlock as e:
         _fail(str(e))
 
 

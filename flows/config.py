@@ -17,6 +17,7 @@ from tasks.lib.download import (
     DEFAULT_MD5,
     DEFAULT_URL,
 )
+from tasks.lib.promotion_gate import GatePolicy
 
 
 class _Section(BaseModel):
@@ -91,6 +92,9 @@ class RegistrySettings(_Section):
     tolerance: float = Field(0.005, ge=0, le=1, description="a new version is approved when "
                                                            "its test accuracy is at least the "
                                                            "champion's minus this")
+
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(tolerance=self.tolerance, auto_approve=self.auto_approve)
 
 
 class AwsSettings(_Section):

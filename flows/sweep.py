@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,26 +21,19 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as current_flow_run
 
-from backends.base import Backend, QuotaExceeded, TrainingResult, TrainingSpec, managed_tags
-from backends.settings import SOURCE_DIR, usable_cpus
+from backends.base import Backend, QuotaExceeded, TrainingResult
+from backends.settings import usable_cpus
 from flows.config import (
     AWS_DEFAULT_PARALLEL_JOBS,
-    PipelineConfig,
     SweepConfig,
     TrainingSettings,
     data_root,
     get_backend,
 )
-from flows.pipeline import (
-    host_and_smoke_test,
-    lineage_of,
-    resource_name,
-    stage,
-    teardown_run_endpoint,
-    training_job,
-)
+from flows.run_context import RunContext, resource_name, start_run
+from flows.smoke_endpoint import SmokeTestEndpoint, teardown_run_endpoint
+from flows.training_jobs import PlannedJob, plan_training_job
 from tasks.data import download_data
-from tasks.lib.lineage import code_digest
 from tasks.lib.summary import (
     DataSummary,
     SmokeTestResult,
@@ -53,7 +45,6 @@ from tasks.lib.summary import (
 )
 from tasks.registry import register_model
 from tasks.reporting import logger
-from tasks.retention import apply_retention
 from tasks.sweep import publish_sweep
 from tasks.training import fit, upload_data
 
@@ -113,9 +104,10 @@ def quota_warning(config: SweepConfig, parallel: int) -> str | None:
             f"refuses wait for room (aws quota_wait_seconds), then fail")
 
 
-def sweep_point(index: int, future: PrefectFuture, spec: TrainingSpec, values: dict[str, Any],
+def sweep_point(index: int, future: PrefectFuture, job: PlannedJob, values: dict[str, Any],
                 started: dt.datetime) -> tuple[SweepPoint, TrainingResult | None]:
     """A finished point's row, and its training when it completed."""
+    spec = job.spec
     state = future.state
     ended = state.timestamp or dt.datetime.now(dt.UTC)
     point = SweepPoint(index=index, values=values, hyperparameters=spec.hyperparameters,
@@ -139,8 +131,8 @@ def sweep_point(index: int, future: PrefectFuture, spec: TrainingSpec, values: d
     return point, None
 
 
-def collect_points(futures: list[PrefectFuture], jobs: list[tuple[TrainingSpec, str]],
-                   points: list[Any], swept: dict[str, list[Any]],
+def collect_points(futures: list[PrefectFuture], jobs: list[PlannedJob],
+                   points: list[TrainingSettings], swept: dict[str, list[Any]],
                    submitted: dict[int, dt.datetime]
                    ) -> tuple[list[SweepPoint], dict[int, TrainingResult]]:
     """Every point's row, in grid order, and the trainings that completed, by index."""
@@ -148,7 +140,7 @@ def collect_points(futures: list[PrefectFuture], jobs: list[tuple[TrainingSpec, 
     trained: dict[int, TrainingResult] = {}
     for i, future in enumerate(futures):
         values = {name: getattr(points[i], name) for name in swept}
-        point, result = sweep_point(i + 1, future, jobs[i][0], values, submitted[i])
+        point, result = sweep_point(i + 1, future, jobs[i], values, submitted[i])
         results.append(point)
         if result is not None:
             trained[i] = result
@@ -173,8 +165,7 @@ def run_bounded(submit: Callable[[int], PrefectFuture], count: int,
     return futures
 
 
-def fit_points(backend: Backend, base: PipelineConfig, jobs: list[tuple[TrainingSpec, str]],
-               points: list[TrainingSettings],
+def fit_points(run: RunContext, jobs: list[PlannedJob], points: list[TrainingSettings],
                parallel: int) -> tuple[list[PrefectFuture], dict[int, dt.datetime]]:
     """Every point's fit, at most ``parallel`` at once: the futures, and when each started.
     Cancelled or interrupted while points train in other threads, it stops their jobs."""
@@ -184,14 +175,14 @@ def fit_points(backend: Backend, base: PipelineConfig, jobs: list[tuple[Training
         # Submitted only once a slot is free, to a pool with more threads than slots: the
         # point starts now.
         submitted[index] = dt.datetime.now(dt.UTC)
-        spec, key = jobs[index]
-        return fit.submit(backend, spec, registry_group=base.registry.group
-                          if points[index].cache else None, cache_key=key)
+        job = jobs[index]
+        return fit.submit(run.backend, job.spec, registry_group=run.config.registry.group
+                          if points[index].cache else None, cache_key=job.cache_key)
 
     try:
         return run_bounded(submit, len(points), parallel), submitted
     except BaseException:
-        stop_trainings(backend, [spec.job_name for spec, _ in jobs])
+        stop_trainings(run.backend, [job.spec.job_name for job in jobs])
         raise
 
 
@@ -207,82 +198,70 @@ def pick_winner(results: list[SweepPoint], trained: dict[int, TrainingResult]) -
     return best
 
 
-def register_points(backend: Backend, base: PipelineConfig, results: list[SweepPoint],
-                    trained: dict[int, TrainingResult], jobs: list[tuple[TrainingSpec, str]],
-                    best: int, smoke: SmokeTestResult,
-                    lineage: Callable[[TrainingSpec], dict[str, str]],
-                    hosting_instance: str, tags: dict[str, str]) -> None:
+def register_points(run: RunContext, jobs: list[PlannedJob], results: list[SweepPoint],
+                    trained: dict[int, TrainingResult], best: int,
+                    smoke: SmokeTestResult) -> None:
     """Registers every trained point, the winner first: its version number follows the
     champion's it was measured against. The others are rejected as passed over."""
     winner = results[best]
     for i, result in sorted(trained.items(), key=lambda item: item[0] != best):
-        spec, key = jobs[i]
+        hosted = smoke if i == best else None
         results[i].registry = register_model(
-            backend, base.registry.group, result, smoke if i == best else None,
-            lineage=lineage(spec), cache_key=key, hosting_instance=hosting_instance,
-            tags=tags, tolerance=base.registry.tolerance,
-            auto_approve=base.registry.auto_approve,
+            run.backend, jobs[i].candidate(run, result, hosted), result, hosted,
+            run.config.registry.gate_policy(),
             passed_over=f"sweep point {i + 1}: test accuracy "
                         f"{results[i].test_accuracy:.4f} < the winner's "
                         f"{winner.test_accuracy:.4f} (point {winner.index})")
+
+
+def log_plan(config: SweepConfig, parallel: int) -> None:
+    log = logger()
+    log.info("sweep of %d points over %s, at most %d training jobs at once",
+             len(config.points()), ", ".join(config.grid.swept()) or "nothing (the base config)",
+             parallel)
+    if warning := quota_warning(config, parallel):
+        log.warning(warning)
 
 
 @flow(name="cifar10-sweep", flow_run_name=_run_name, log_prints=True,
       on_cancellation=[teardown_sweep], on_crashed=[teardown_sweep])
 def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa: B008
     """Train one model per grid point in parallel, host and smoke-test the best, register all."""
-    base = config.base
-    log = logger()
-    points = config.points()
+    base, points = config.base, config.points()
     parallel = config.parallel_jobs(usable_cpus())
-    backend = get_backend(base, concurrent_jobs=parallel)
-    backend.prepare()  # while the data downloads
-    apply_retention(backend)  # what earlier runs left past the limits, or a kill
-    run_id = str(current_flow_run.id or uuid.uuid4())
-    tags = managed_tags(owner=f"prefect-flow-run/{run_id}")
-    timings: dict[str, float] = {}
-    _, hosting_instance = base.instance_types()
-    swept = config.grid.swept()
-    log.info("sweep of %d points over %s, at most %d training jobs at once", len(points),
-             ", ".join(swept) or "nothing (the base config)", parallel)
-    if warning := quota_warning(config, parallel):
-        log.warning(warning)
+    run = start_run(base, get_backend(base, concurrent_jobs=parallel))
+    log_plan(config, parallel)
 
-    with stage(timings, "download"):
+    with run.stage("download"):
         dataset = download_data(base.data.url, base.data.md5, data_root(),
                                 max_bytes=base.data.max_bytes,
                                 deadline_minutes=base.data.deadline_minutes)
-    with stage(timings, "upload"):
-        data_uri = upload_data(backend, dataset)
-    code = code_digest(SOURCE_DIR)
-    jobs = [training_job(base, training, point_job_name(run_id, i + 1), data_uri, dataset, code,
-                         tags, backend) for i, training in enumerate(points)]
-
-    with stage(timings, "fit"):
-        futures, submitted = fit_points(backend, base, jobs, points, parallel)
-    results, trained = collect_points(futures, jobs, points, swept, submitted)
+    with run.stage("upload"):
+        data_uri = upload_data(run.backend, dataset)
+    jobs = [plan_training_job(run, training, point_job_name(run.run_id, i + 1), dataset,
+                              data_uri) for i, training in enumerate(points)]
+    with run.stage("fit"):
+        futures, submitted = fit_points(run, jobs, points, parallel)
+    results, trained = collect_points(futures, jobs, points, config.grid.swept(), submitted)
     # A point marked Failed leaves no job running: the backend stops a job it gives up on,
     # and this asks again in case that stop failed too (AWS unreachable at that moment).
-    stop_trainings(backend, [jobs[i][0].job_name for i, p in enumerate(results)
-                             if p.status == "Failed"])
+    stop_trainings(run.backend, [jobs[i].spec.job_name for i, p in enumerate(results)
+                                 if p.status == "Failed"])
     best = pick_winner(results, trained)
 
-    name = resource_name(run_id)
-    hosted = host_and_smoke_test(backend, base, name, trained[best].model_uri, dataset,
-                                 hosting_instance, run_id, timings)
-    with stage(timings, "register"):
-        register_points(backend, base, results, trained, jobs, best, hosted.smoke,
-                        lambda spec: lineage_of(dataset, code, spec, run_id, backend),
-                        hosting_instance, tags)
-    hosted.raise_failure()
+    with SmokeTestEndpoint(run, trained[best].model_uri) as endpoint:
+        smoke = endpoint.smoke_test(dataset)
+    with run.stage("register"):
+        register_points(run, jobs, results, trained, best, smoke)
+    endpoint.raise_failure()
 
-    endpoint = hosted.summary(base, hosting_instance, timings)
+    hosting = endpoint.summary()
     summary = SweepSummary(
-        flow_run_id=run_id, backend=backend.name, max_parallel=parallel, stages=timings,
-        data=DataSummary.of(dataset, data_uri),
-        points=results, smoke_test=hosted.smoke, endpoint=endpoint,
+        flow_run_id=run.run_id, backend=run.backend.name, max_parallel=parallel,
+        stages=run.timings, data=DataSummary.of(dataset, data_uri), points=results,
+        smoke_test=smoke, endpoint=hosting,
         quota_note=quota_note(results, base.training.instance_type),
-        cost=estimate_cost(backend.name, [p.training for p in results if p.training],
-                           endpoint))
+        cost=estimate_cost(run.backend.name, [p.training for p in results if p.training],
+                           hosting))
     publish_sweep(summary)
     return summary

@@ -15,24 +15,36 @@ from backends.base import (
     TrainingResult,
     champion,
 )
-from tasks.lib.promotion_gate import verdict
+from tasks.lib.promotion_gate import GatePolicy, verdict
 from tasks.lib.summary import RegistrySummary, SmokeTestResult
 from tasks.reporting import logger, publish_markdown
 
 
+def registry_metrics(training: TrainingResult,
+                     smoke: SmokeTestResult | None) -> dict[str, float]:
+    """What a version records of how its model did: the test split, and its smoke test."""
+    metrics = {"test_accuracy": float(training.metrics.get("test_accuracy", 0.0)),
+               "test_loss": float(training.metrics.get("test_loss", 0.0))}
+    if smoke is not None:
+        metrics["smoke_accuracy"] = smoke.accuracy
+    return metrics
+
+
 # Not retried: a retry after a version was created would register the model twice.
-@task(name="register_model", task_run_name="register model in {group}", cache_policy=NO_CACHE)
-def register_model(backend: Backend, group: str, training: TrainingResult,
-                   smoke: SmokeTestResult | None, lineage: dict[str, str], cache_key: str,
-                   hosting_instance: str, tags: dict[str, str], tolerance: float = 0.005,
-                   auto_approve: bool = True, passed_over: str | None = None) -> RegistrySummary:
-    """Registers the model as the next version of ``group``, approved, rejected or pending as
-    the promotion gate decides against the champion at the moment of registration (under the
-    registry's lock where it has one). A rejected model does not fail the run: the decision is
-    reported. A model that was never hosted (``smoke`` None: a sweep point that another point
-    beat, ``passed_over`` says how) is rejected. A cached model that is already registered is
-    not registered again: the summary names the existing version."""
+@task(name="register_model", task_run_name="register model in {candidate.group}",
+      cache_policy=NO_CACHE)
+def register_model(backend: Backend, candidate: ModelVersionSpec, training: TrainingResult,
+                   smoke: SmokeTestResult | None, policy: GatePolicy = GatePolicy(),  # noqa: B008
+                   passed_over: str | None = None) -> RegistrySummary:
+    """Registers ``candidate`` (the model ``training`` made) as the next version of its group,
+    approved, rejected or pending as the promotion gate decides against the champion at the
+    moment of registration (under the registry's lock where it has one). A rejected model does
+    not fail the run: the decision is reported. A model that was never hosted (``smoke`` None:
+    a sweep point that another point beat, ``passed_over`` says how) is rejected. A cached
+    model that is already registered is not registered again: the summary names the existing
+    version."""
     log = logger()
+    group = candidate.group
     if existing := already_registered(backend, group, training, smoke):
         log.info("the model of job %s is already %s version %d (%s: %s): not registered again",
                  existing.training_job, group, existing.version, existing.status,
@@ -43,26 +55,18 @@ def register_model(backend: Backend, group: str, training: TrainingResult,
                                      f"beside the champion")
         return RegistrySummary(group=group, version=existing.version, status=existing.status,
                                reason=existing.reason, champion_before=None, reused=True)
-    test_accuracy = float(training.metrics.get("test_accuracy", 0.0))
-    metrics = {"test_accuracy": test_accuracy,
-               "test_loss": float(training.metrics.get("test_loss", 0.0))}
-    if smoke is not None:
-        metrics["smoke_accuracy"] = smoke.accuracy
 
     def gate(before: ModelVersion | None) -> tuple[str, str]:
         # Called by the backend at the moment of registration (locally: under the group's
         # lock), so the champion is the one the new version really follows.
         if smoke is None:
             reason = f"not hosted: {passed_over or 'no smoke test'}"
-            return (REJECTED, reason) if auto_approve else (
+            return (REJECTED, reason) if policy.auto_approve else (
                 PENDING, f"awaiting manual approval ({reason})")
-        return verdict(test_accuracy, smoke.passed, smoke.accuracy, smoke.accuracy_floor,
-                       before, tolerance, auto_approve)
+        return verdict(candidate.metrics["test_accuracy"], smoke.passed, smoke.accuracy,
+                       smoke.accuracy_floor, before, policy.tolerance, policy.auto_approve)
 
-    registration = backend.registry.register(ModelVersionSpec(
-        group=group, model_uri=training.model_uri, training_job=training.cached_from
-        or training.job_name, cache_key=cache_key, metrics=metrics, lineage=lineage,
-        instance_type=hosting_instance, tags=tags), gate)
+    registration = backend.registry.register(candidate, gate)
     version, before = registration.version, registration.champion_before
     log.info("registered %s version %d: %s (%s)", group, version.version, version.status,
              version.reason)

@@ -28,8 +28,8 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 # core another process needs (on two cores, a tenth of the suite's CPU time).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from backends.settings import STATE_DIR_ENV
+from bench.generated_data import make_cifar_dir
 from tests.support.pipeline import FAST_HYPERPARAMETERS, processes_under
-from tests.support.synthetic import make_cifar_dir
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +188,7 @@ def http_server(http_root, http_log):
 @pytest.fixture(scope="session")
 def cifar_tarball(http_root) -> tuple[str, str]:
     """(file name, md5) of a generated cifar-10-python.tar.gz served by ``http_server``."""
-    from tests.support.synthetic import make_cifar_tarball
+    from bench.generated_data import make_cifar_tarball
 
     md5 = make_cifar_tarball(http_root / "cifar-10-python.tar.gz")
     return "cifar-10-python.tar.gz", md5

@@ -27,8 +27,10 @@ from backends.base import ConfigurationError
 from flows.aws_credentials import warn_unused_client_parameters
 from flows.cli import app
 from flows.config import AwsSettings, PipelineConfig, get_backend
-from flows.pipeline import cifar10_pipeline, resource_name, teardown_run_endpoint
+from flows.pipeline import cifar10_pipeline
 from flows.reaper import reap_endpoints_flow
+from flows.run_context import resource_name
+from flows.smoke_endpoint import teardown_run_endpoint
 from tests.support.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN, SageMakerStandIn
 from tests.support.configs import local_config
 

@@ -12,7 +12,8 @@ import pytest
 
 from backends.aws import AwsBackend
 from flows.config import AwsSettings
-from flows.pipeline import cifar10_pipeline, resource_name
+from flows.pipeline import cifar10_pipeline
+from flows.run_context import resource_name
 from flows.sweep import cifar10_sweep, point_job_name
 from tasks.lib.summary import PRICES_PER_HOUR
 from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN, TRAINING_IMAGE, MotoAccount

@@ -31,7 +31,8 @@ from backends.base import (
     managed_tags,
 )
 from backends.job_names import MAX_NAME_LENGTH, retry_name
-from flows.pipeline import cifar10_pipeline, resource_name
+from flows.pipeline import cifar10_pipeline
+from flows.run_context import resource_name
 from flows.sweep import cifar10_sweep, point_job_name
 from tests.support.aws_fakes import ACCOUNT, BUCKET, JOB, REGION, ROLE_ARN, described_job
 from tests.support.configs import aws_config, sweep_config

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from backends.base import TrainingJobFailed, TrainingSpec
+from bench.generated_data import make_cifar_dir
 from tasks.lib.download import (
     BATCH_DIR,
     BadArchive,
@@ -30,7 +31,6 @@ from tasks.lib.download import (
 from tests.support.hostile_http import hostile_http_server
 from tests.support.pipeline import FAST_HYPERPARAMETERS
 from tests.support.reporting import report_table
-from tests.support.synthetic import make_cifar_dir
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ commands on the local backend."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 from typer.testing import CliRunner
@@ -83,6 +84,57 @@ def test_endpoint_commands_list_delete_and_reap(model_uri, pipeline_home):
     finally:
         for name in names:
             backend.endpoints.delete(name)
+
+
+MANAGEMENT_COMMANDS = [["endpoints", "list"], ["endpoints", "delete", "some-endpoint"],
+                       ["endpoints", "reap", "--older-than", "1h"], ["models", "list"],
+                       ["models", "approve", "3"], ["models", "reject", "3"]]
+
+
+@pytest.fixture
+def built_backends(monkeypatch):
+    """The configs the commands build their backend from (the build stops there), and how
+    often they asked for the Prefect API."""
+    from backends.base import BackendError
+
+    seen: dict[str, list] = {"configs": [], "apis": []}
+
+    def get_backend(config, concurrent_jobs=1):
+        seen["configs"].append(config)
+        raise BackendError("stopped before any AWS call")
+
+    @contextmanager
+    def api_for_commands(on_status=print):
+        seen["apis"].append("entered")
+        yield "http://prefect.test/api"
+
+    monkeypatch.setattr("flows.config.get_backend", get_backend)
+    monkeypatch.setattr("flows.prefect_api.api_for_commands", api_for_commands)
+    return seen
+
+
+@pytest.mark.parametrize("command", MANAGEMENT_COMMANDS, ids=" ".join)
+def test_management_commands_pass_the_credentials_block_on(built_backends, command):
+    """--aws-credentials-block reaches the config the backend is built from, as `run`'s does,
+    and the block is read through the Prefect API the commands share."""
+    result = runner.invoke(app, [*command, "--backend", "aws", "--region", "eu-west-1",
+                                 "--aws-credentials-block", "team-aws"])
+    assert result.exit_code == 1 and "error: stopped before any AWS call" in result.output
+    [config] = built_backends["configs"]
+    assert config.backend == "aws"
+    assert (config.aws.credentials_block, config.aws.region) == ("team-aws", "eu-west-1")
+    assert built_backends["apis"] == ["entered"]
+
+
+def test_management_commands_without_a_block_need_no_prefect_api(built_backends):
+    result = runner.invoke(app, ["endpoints", "list", "--backend", "aws"])
+    assert result.exit_code == 1
+    [config] = built_backends["configs"]
+    assert config.aws.credentials_block is None and config.aws.region is None
+    assert built_backends["apis"] == []
+    bad = runner.invoke(app, ["models", "list", "--aws-credentials-block", "Not A Name"])
+    assert bad.exit_code == 2 and "aws.credentials_block" in bad.output
+    assert len(built_backends["configs"]) == 1  # refused before a backend was built
 
 
 def test_durations():

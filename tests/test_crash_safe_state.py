@@ -32,8 +32,10 @@ from backends.local.endpoints import EndpointRecord, LocalEndpoints
 from backends.reaper import reap_endpoints
 from flows.cli import app
 from tasks import registry as registry_task
+from tasks.lib.promotion_gate import GatePolicy
 from tasks.lib.summary import SmokeTestResult
 from tasks.registry import register_model
+from tests.support.configs import candidate
 
 GROUP = "cifar10-pipeline"
 LINEAGE = {"data_md5": "0" * 32, "code_digest": "c" * 64, "flow_run_id": "run"}
@@ -67,10 +69,11 @@ def smoked(accuracy: float = 0.6) -> SmokeTestResult:
 def register(backend: Backend, training: TrainingResult, smoke: SmokeTestResult | None = None,
              group: str = GROUP, cache_key: str | None = None):
     """The registry stage as the flow calls it (its function, without a Prefect run)."""
-    return register_model.fn(backend, group, training, smoke or smoked(), lineage=LINEAGE,
-                             cache_key=cache_key or f"key-{training.job_name}",
-                             hosting_instance="local", tags=managed_tags("pytest"),
-                             tolerance=0.005)
+    smoke = smoke or smoked()
+    return register_model.fn(
+        backend, candidate(group, training, smoke, cache_key or f"key-{training.job_name}",
+                           LINEAGE, tags=managed_tags("pytest")),
+        training, smoke, GatePolicy(tolerance=0.005))
 
 
 def version_file(root: Path, version: int, group: str = GROUP) -> Path:
@@ -220,12 +223,12 @@ def test_a_cached_sweep_point_first_hosted_now_is_registered_for_the_gate(tmp_pa
     """A sweep point another point beat was registered without a smoke test; cached and
     hosted now (the winner of a new sweep), it is registered again so that the gate decides."""
     backend = LocalBackend(root=tmp_path)
-    register_model.fn(backend, GROUP, trained("job-1", 0.55), None, lineage=LINEAGE,
-                      cache_key="k", hosting_instance="local", tags={},
+    first = trained("job-1", 0.55)
+    register_model.fn(backend, candidate(GROUP, first, None, "k", LINEAGE), first, None,
                       passed_over="point 2 was better")
     point = trained("job-2", 0.55, cached_from="job-1")
-    passed_over_again = register_model.fn(backend, GROUP, point, None, lineage=LINEAGE,
-                                          cache_key="k", hosting_instance="local", tags={})
+    passed_over_again = register_model.fn(backend, candidate(GROUP, point, None, "k", LINEAGE),
+                                          point, None)
     assert passed_over_again.version == 1 and passed_over_again.reused
     hosted = register(backend, point)
     assert (hosted.version, hosted.status, hosted.reused) == (2, APPROVED, False)

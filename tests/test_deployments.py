@@ -447,7 +447,7 @@ def test_a_failed_deployment_run_is_sent_to_the_notification_block_once(deployme
                                                                         receiver):
     """One failed run (of the three) produces exactly one message, saying which run, what
     failed, where to look, and which endpoint may still be up."""
-    from flows.pipeline import resource_name
+    from flows.run_context import resource_name
 
     failed = deployment_runs[1]
 

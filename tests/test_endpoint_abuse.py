@@ -23,8 +23,8 @@ import pytest
 
 from backends.local.server import MAX_PAYLOAD_BYTES
 from tests.support.http_client import Client, rss_bytes
+from tests.support.payloads import npy
 from tests.support.reporting import report_table
-from tests.support.synthetic import npy
 
 pytestmark = pytest.mark.long_running
 

@@ -271,7 +271,7 @@ def test_help_runs_without_sagemaker_environment(monkeypatch, capsys):
 
 def test_reads_any_well_formed_batch_directory(tmp_path):
     """Not only the official md5-identical files: the batch dir may sit one level down."""
-    from tests.support.synthetic import make_cifar_dir
+    from bench.generated_data import make_cifar_dir
 
     batch_dir = make_cifar_dir(tmp_path / "nested", train_batches=3, per_batch=20, test=10)
     data = train.load_cifar10(batch_dir.parent)
@@ -360,7 +360,7 @@ def test_tutorial_channels_last_padding_keeps_values_and_gradients():
 @pytest.fixture(scope="module")
 def larger_data(tmp_path_factory) -> Path:
     """Enough images for an epoch to take a moment: a kill lands inside the training."""
-    from tests.support.synthetic import make_cifar_dir
+    from bench.generated_data import make_cifar_dir
 
     return make_cifar_dir(tmp_path_factory.mktemp("larger"), train_batches=3, per_batch=1000)
 

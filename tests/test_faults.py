@@ -27,7 +27,9 @@ from backends.local.endpoints import LocalEndpoints
 from backends.local.training import LocalTrainingJobs
 from backends.reaper import reap_endpoints
 from flows.config import PipelineConfig, get_backend
-from flows.pipeline import EndpointNotDeleted, cifar10_pipeline, resource_name
+from flows.pipeline import cifar10_pipeline
+from flows.run_context import resource_name
+from flows.smoke_endpoint import EndpointNotDeleted
 from tests.support.configs import aws_config, local_config
 from tests.support.faults import NOT_APPLICABLE, aws_leaks, fault_table, local_leaks, short
 
@@ -101,10 +103,10 @@ def delete_fails(error: Callable[[], Exception], times: int | None = None):
 
 def without_retry_delays(mp: pytest.MonkeyPatch) -> None:
     """The delete task's own retries (3, after 2, 10 and 30 s), without the waiting."""
-    import flows.pipeline
+    import flows.smoke_endpoint
 
-    mp.setattr(flows.pipeline, "delete_endpoint",
-               flows.pipeline.delete_endpoint.with_options(retry_delay_seconds=0))
+    mp.setattr(flows.smoke_endpoint, "delete_endpoint",
+               flows.smoke_endpoint.delete_endpoint.with_options(retry_delay_seconds=0))
 
 
 def smoke_and_delete_fail(mp: pytest.MonkeyPatch, endpoints: type[Endpoints],
@@ -317,15 +319,15 @@ def test_aws_teardown_under_fault(fault, prefect_harness, http_server, cifar_tar
 
 @pytest.mark.parametrize("failure", [None, ConnectionError("the smoke test failed")])
 def test_a_failed_delete_says_the_endpoint_may_still_be_up(failure, monkeypatch):
-    import flows.pipeline
+    import flows.smoke_endpoint
 
     def delete_endpoint(backend, name):
         raise PermissionError("access denied")
 
-    monkeypatch.setattr(flows.pipeline, "delete_endpoint", delete_endpoint)
+    monkeypatch.setattr(flows.smoke_endpoint, "delete_endpoint", delete_endpoint)
     config = PipelineConfig(backend="aws")
     with pytest.raises(EndpointNotDeleted) as raised:
-        flows.pipeline.delete_run_endpoint(None, config, "cifar10-abc", failure)
+        flows.smoke_endpoint.delete_run_endpoint(None, config, "cifar10-abc", failure)
     message = str(raised.value)
     assert message.startswith("endpoint cifar10-abc could not be deleted (PermissionError: "
                               "access denied); it may still be running: delete it with "
@@ -338,10 +340,11 @@ def test_a_failed_delete_says_the_endpoint_may_still_be_up(failure, monkeypatch)
 def test_a_failed_delete_does_not_replace_a_cancellation(monkeypatch, pipeline_home):
     """A cancelled or interrupted run stays that (its hooks and the reaper delete later):
     an EndpointNotDeleted would turn the runner's cancellation into a plain failure."""
-    import flows.pipeline
+    import flows.smoke_endpoint
 
     def delete_endpoint(backend, name):
         raise PermissionError("access denied")
 
-    monkeypatch.setattr(flows.pipeline, "delete_endpoint", delete_endpoint)
-    flows.pipeline.delete_run_endpoint(None, PipelineConfig(), "cifar10-abc", KeyboardInterrupt())
+    monkeypatch.setattr(flows.smoke_endpoint, "delete_endpoint", delete_endpoint)
+    flows.smoke_endpoint.delete_run_endpoint(None, PipelineConfig(), "cifar10-abc",
+                                             KeyboardInterrupt())

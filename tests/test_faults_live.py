@@ -42,7 +42,7 @@ import pytest
 from backends.aws import AwsBackend
 from backends.local import LocalBackend
 from backends.reaper import reap_endpoints
-from flows.pipeline import resource_name
+from flows.run_context import resource_name
 from flows.sweep import point_job_name
 from tests.support import live
 from tests.support.aws_fakes import (

@@ -14,7 +14,8 @@ import pytest
 from backends.base import APPROVED
 from backends.local import LocalBackend
 from backends.local.store import path_from_uri
-from flows.pipeline import cifar10_pipeline, resource_name
+from flows.pipeline import cifar10_pipeline
+from flows.run_context import resource_name
 from tests.support.configs import local_config
 from tests.support.pipeline import ARTIFACT_KEYS, REPO, artifacts_of
 
@@ -128,18 +129,18 @@ def test_a_changed_or_uncached_run_trains_anew(change, first_run, module_pipelin
 
 def test_a_byte_of_model_src_trains_anew(first_run, http_server, cifar_tarball, tmp_path,
                                          monkeypatch):
-    import flows.pipeline
+    import flows.run_context
 
     changed = tmp_path / "model_src"
     shutil.copytree(REPO / "model_src", changed)
     with open(changed / "contract.py", "a") as f:
         f.write("\n")
-    monkeypatch.setattr(flows.pipeline, "SOURCE_DIR", changed)
+    monkeypatch.setattr(flows.run_context, "SOURCE_DIR", changed)
     assert run(http_server, cifar_tarball).training.cached_from is None
 
 
 def test_other_data_trains_anew(first_run, http_server, http_root):
-    from tests.support.synthetic import make_cifar_tarball
+    from bench.generated_data import make_cifar_tarball
 
     md5 = make_cifar_tarball(http_root / "other-cifar-10.tar.gz", seed=7)
     summary = run(http_server, ("other-cifar-10.tar.gz", md5))

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.support.npy_crafting import crafted_npy, crafted_npy_cases
+from tests.support.payloads import npy
 from tests.support.pipeline import MODEL_SRC
-from tests.support.synthetic import npy
 
 sys.path.insert(0, str(MODEL_SRC))  # model_src's modules import each other flat
 import contract

@@ -18,7 +18,7 @@ import pytest
 
 from backends.base import EndpointExists, EndpointFailed, EndpointSpec
 from backends.local.server import MAX_PAYLOAD_BYTES
-from tests.support.synthetic import npy
+from tests.support.payloads import npy
 
 
 def sample_images(cifar_dir, n: int = 64) -> tuple[np.ndarray, np.ndarray]:

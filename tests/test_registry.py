@@ -22,10 +22,11 @@ from backends.base import (
 )
 from backends.local import LocalBackend
 from flows.cli import app
-from tasks.lib.promotion_gate import verdict
+from tasks.lib.promotion_gate import GatePolicy, verdict
 from tasks.lib.summary import SmokeTestResult
 from tasks.registry import register_model
 from tests.support.aws_fakes import BUCKET, ROLE_ARN
+from tests.support.configs import candidate
 from tests.support.pipeline import REPO
 
 pytest_plugins = ["tests.support.aws_fixtures"]
@@ -57,10 +58,11 @@ def smoked(accuracy: float, floor: float = 0.4) -> SmokeTestResult:
 def register(backend: Backend, job: str, accuracy: float, smoke: float = 0.6,
              auto_approve: bool = True):
     model = trained(job, accuracy, MODEL_URIS[backend.name])
-    return register_model.fn(backend, GROUP, model, smoked(smoke),
-                             lineage=LINEAGE, cache_key=f"key-{job}",
-                             hosting_instance="ml.m5.large", tags=managed_tags("pytest"),
-                             tolerance=0.005, auto_approve=auto_approve)
+    smoke_test = smoked(smoke)
+    return register_model.fn(
+        backend, candidate(GROUP, model, smoke_test, f"key-{job}", LINEAGE, "ml.m5.large",
+                           managed_tags("pytest")),
+        model, smoke_test, GatePolicy(tolerance=0.005, auto_approve=auto_approve))
 
 
 def gate_scenarios(backend: Backend) -> None:

@@ -45,9 +45,10 @@ import pytest
 from backends.aws import AwsBackend
 from backends.aws.s3 import parse_s3_uri
 from backends.base import TrainingSpec
+from bench.generated_data import class_templates, make_images
 from tests.support.aws_fakes import ACCOUNT, BUCKET, REGION, ROLE_ARN, MotoAccount
+from tests.support.payloads import npy
 from tests.support.pipeline import FAST_HYPERPARAMETERS, import_handlers
-from tests.support.synthetic import class_templates, make_images, npy
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 pytestmark = [pytest.mark.long_running,

@@ -25,8 +25,8 @@ import pytest
 from backends.local.server import BoundedLogHandler, ServerLimits
 from tests.support.http_client import Client, rss_bytes
 from tests.support.npy_crafting import crafted_npy, crafted_npy_cases
+from tests.support.payloads import npy
 from tests.support.reporting import report_table
-from tests.support.synthetic import npy
 
 MAX_IN_FLIGHT = 4
 BODY_TIMEOUT_SECONDS = 2

@@ -22,8 +22,8 @@ import pytest
 from backends.base import EndpointSpec, managed_tags
 from backends.files import safe_extract
 from backends.local.store import path_from_uri
+from tests.support.payloads import npy
 from tests.support.pipeline import REPO, sagemaker_env
-from tests.support.synthetic import npy
 
 pytestmark = pytest.mark.long_running
 

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from deployments.definitions import pipeline_parameters
-from flows.pipeline import resource_name
+from flows.run_context import resource_name
 from tests.support import live
 from tests.support.browser import Browser, find_chromium
 from tests.support.configs import local_config

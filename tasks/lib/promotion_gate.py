@@ -3,7 +3,18 @@ trusts (the registry's approved champion)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from backends.base import APPROVED, PENDING, REJECTED, ModelVersion
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """How the gate decides: approve within ``tolerance`` of the champion's test accuracy,
+    or, without ``auto_approve``, leave the decision to a person (pending)."""
+
+    tolerance: float = 0.005
+    auto_approve: bool = True
 
 
 def verdict(test_accuracy: float, smoke_passed: bool, smoke_accuracy: float,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from backends.base import ModelVersionSpec, TrainingResult
 from flows.config import PipelineConfig, SweepConfig
+from tasks.lib.summary import SmokeTestResult
+from tasks.registry import registry_metrics
 from tests.support.aws_fakes import BUCKET, REGION, ROLE_ARN
 from tests.support.pipeline import FAST_HYPERPARAMETERS
 
@@ -44,3 +47,13 @@ def sweep_config(base: PipelineConfig, learning_rates: list[float],
     """A sweep over ``base``'s learning rate."""
     return SweepConfig.model_validate({"base": base.model_dump(mode="json"),
                                        "grid": {"learning_rate": learning_rates}, **settings})
+
+
+def candidate(group: str, training: TrainingResult, smoke: SmokeTestResult | None,
+              cache_key: str, lineage: dict[str, str], instance_type: str = "local",
+              tags: dict[str, str] | None = None) -> ModelVersionSpec:
+    """The model ``training`` made, as the registry stage gets it from a flow."""
+    return ModelVersionSpec(group=group, model_uri=training.model_uri,
+                            training_job=training.cached_from or training.job_name,
+                            cache_key=cache_key, metrics=registry_metrics(training, smoke),
+                            lineage=lineage, instance_type=instance_type, tags=tags or {})
