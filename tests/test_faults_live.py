@@ -208,16 +208,19 @@ def record_row(scenario: str, run: dict[str, Any], leaks: dict[str, Any], starte
         "reaper deleted": reaped, "seconds": time.monotonic() - started}, **leaks)
 
 
-def reap_with_the_cli(server: live.Server, home: Path) -> list[str]:
+def reap_with_the_cli(server: live.Server, home: Path, dry_run: bool = False) -> list[str]:
     """`cifar10-pipeline endpoints reap --older-than 0s` on the local backend at ``home``:
-    the names it deleted."""
+    the names it deleted (``dry_run``: would delete, leaving the other scenarios' endpoints
+    alone)."""
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "endpoints", "reap", "--older-than", "0s"],
+        [sys.executable, "-m", "flows.cli", "endpoints", "reap", "--older-than", "0s",
+         *(["--dry-run"] if dry_run else [])],
         env={**server.env, "CIFAR10_PIPELINE_HOME": str(home)},
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return [line.removeprefix("deleted ") for line in result.stdout.splitlines()
-            if line.startswith("deleted ")]
+    verb = "would delete " if dry_run else "deleted "
+    return [line.removeprefix(verb) for line in result.stdout.splitlines()
+            if line.startswith(verb)]
 
 
 def _read(path: Path) -> str:
@@ -499,10 +502,12 @@ def test_sigkill_served_flow_process_while_the_endpoint_is_up(served, runs_held_
     os.kill(flow_process(served, run_id), signal.SIGKILL)
     run = final_state(served.server, run_id, 60, served=served)
     # The runner saw its subprocess die: it reports Crashed and runs the flow's on_crashed
-    # hook, which deletes the endpoint. The reaper, run after it, finds nothing left.
+    # hook, which deletes the endpoint. The reaper, run after it, finds nothing of it left
+    # (a dry run: another scenario's run may hold its endpoint up meanwhile).
     wait_for(lambda: backend.endpoints.describe(name) is None,
              "the on_crashed hook deletes the endpoint", 30, served)
-    reaped = reap_with_the_cli(served.server, served.home)
+    reaped = [n for n in reap_with_the_cli(served.server, served.home, dry_run=True)
+              if n == name]
     leaks = local_leaks(served.home, name)
     record_row("SIGKILL flow process, endpoint up (served run; the runner's on_crashed hook)",
                run, leaks, started, reaped=len(reaped))
