@@ -126,7 +126,7 @@ ui: setup | prefect-home  ## Prefect server + UI on http://127.0.0.1:4200 over .
 	PREFECT_UI_URL=http://$(UI_HOST):$(UI_PORT) \
 	PREFECT_UI_API_URL=$(API_URL) exec $(BIN)/prefect server start
 
-serve: setup | prefect-home  ## serve the nightly pipeline, hourly reaper, on-demand sweep (your Prefect API, else `make ui`'s; SERVE_ARGS, NOTIFY_BLOCK)
+serve: setup | prefect-home  ## serve the nightly pipeline, hourly reaper, on-demand sweep and promote (your Prefect API, else `make ui`'s; SERVE_ARGS, NOTIFY_BLOCK)
 	@$(call USE_API); $(BIN)/python -m deployments.serve $(NOTIFY_ARGS) $(SERVE_ARGS)
 
 deploy: setup | prefect-home  ## work-pool route: create the process pool, apply deployments/prefect.yaml (NOTIFY_BLOCK)

@@ -23,6 +23,7 @@ MANAGED_BY_VALUE = "cifar10-pipeline"
 OWNER_KEY = "owner"  # the flow run (or person) that created the resource
 CREATED_KEY = "created-at"  # ISO-8601 UTC, so the reaper needs no extra API call
 KEPT_KEY = "kept"  # "true": the user asked to keep the endpoint; the reaper leaves it alone
+SERVING_KEY = "serving"  # "true": the long-lived serving endpoint (and its fleets); never reaped
 # Every name the pipeline gives a training job or endpoint starts with this, so that listings
 # can be narrowed (ListEndpoints' NameContains) before the tags are read.
 NAME_PREFIX = "cifar10-"
@@ -155,6 +156,9 @@ class ModelVersion:
     metrics: dict[str, float]
     lineage: dict[str, str]
     arn: str | None = None  # aws
+    # Where it stands on the serving endpoint: "serving on NAME", "replaced by vN",
+    # "rolled back: 5xx rate 0.31 > 0.05 during canary"; None: never promoted.
+    deployment: str | None = None
 
     @property
     def approved(self) -> bool:
@@ -318,6 +322,133 @@ class Registry(Protocol):
         """Approves or rejects a version by hand (``BackendError`` when there is none)."""
         ...
 
+    def set_deployment(self, group: str, version: int, deployment: str | None) -> ModelVersion:
+        """Records where the version stands on the serving endpoint (``ModelVersion.deployment``:
+        "serving on NAME", "replaced by vN", "rolled back: REASON"); its status is unchanged."""
+        ...
+
+
+# -- serving: the long-lived endpoint that holds the champion -----------------------------------
+
+ALL_AT_ONCE, CANARY, LINEAR = "all_at_once", "canary", "linear"
+# Serving endpoint statuses, as DescribeEndpoint says them.
+IN_SERVICE, UPDATING, ROLLING_BACK, UPDATE_ROLLBACK_FAILED = (
+    "InService", "Updating", "RollingBack", "UpdateRollbackFailed")
+# How a promotion ended (PromotionResult.outcome).
+CREATED, PROMOTED, ROLLED_BACK, FAILED = "created", "promoted", "rolled_back", "failed"
+
+
+@dataclass(frozen=True)
+class TrafficShift:
+    """How traffic moves to the new fleet, as SageMaker's BlueGreenUpdatePolicy says it:
+    ``all_at_once``; ``canary`` (``percent`` of capacity, ≤ 50, for ``wait_seconds``, then the
+    rest); ``linear`` (steps of ``percent``, 10-50, every ``wait_seconds``). Then all traffic
+    bakes on the new fleet for ``baking_seconds`` (TerminationWaitInSeconds) before the old
+    one stops; the whole update may take ``max_seconds`` (MaximumExecutionTimeoutInSeconds)."""
+
+    strategy: str = CANARY
+    percent: int = 10
+    wait_seconds: int = 300
+    baking_seconds: int = 300
+    max_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class RollbackAlarms:
+    """Thresholds that roll an update back, watched over each wait interval and the baking
+    period: the new fleet's 5xx share of invocations, and its p99 model latency."""
+
+    max_error_rate: float = 0.05
+    max_p99_latency_ms: float = 2000.0
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """Target tracking on invocations per instance (Application Auto Scaling; aws only)."""
+
+    min_instances: int = 1
+    max_instances: int = 2
+    invocations_per_instance: int = 1000
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Put ``model_uri`` (``group`` version ``version``) on the serving endpoint ``name``:
+    created at the first promotion, updated blue/green by ``shift`` after that."""
+
+    name: str
+    model_uri: str
+    group: str
+    version: int
+    instance_type: str = "local"
+    instance_count: int = 1
+    shift: TrafficShift = field(default_factory=TrafficShift)
+    alarms: RollbackAlarms = field(default_factory=RollbackAlarms)
+    autoscaling: Autoscaling | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # managed_tags(..., kept=True) + SERVING
+
+
+@dataclass(frozen=True)
+class PromotionStep:
+    """One moment of a promotion: what happened, the new fleet's share of traffic after it,
+    and what the alarms saw over the interval that ended there (None: not measured)."""
+
+    at: dt.datetime
+    action: str  # e.g. "new fleet InService", "canary 10%", "linear 40%", "baked", "rolled back"
+    new_share: float  # 0.0-1.0
+    error_rate: float | None = None
+    p99_latency_ms: float | None = None
+    invocations: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """How a promotion ended: ``created`` (first promotion), ``promoted``, ``rolled_back``
+    (the old model still serves; ``reason`` says which alarm, e.g. "5xx rate 0.31 > 0.05
+    during canary") or ``failed`` (the old model still serves unless ``status`` says
+    otherwise, e.g. UpdateRollbackFailed)."""
+
+    endpoint: str
+    outcome: str
+    reason: str
+    status: str  # the endpoint's status afterwards
+    serving_version: int | None  # the registry version serving afterwards
+    steps: list[PromotionStep] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """DescribeEndpoint of a serving endpoint: status, what serves, the last deployment."""
+
+    name: str
+    status: str  # InService | Updating | RollingBack | UpdateRollbackFailed | Failed
+    group: str | None
+    version: int | None
+    model_uri: str | None
+    url: str | None = None  # local: the stable front URL
+    last_deployment: str | None = None  # e.g. "promoted v4 (canary 10%, 2024-...)"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Serving(Protocol):
+    """The serving endpoint, updated as SageMaker's deployment guardrails update one."""
+
+    def promote(self, spec: ServingSpec, on_log: LogCallback | None = None) -> PromotionResult:
+        """Creates the endpoint (first promotion) or updates it blue/green, watching the
+        alarms; returns once it is InService again, on either model. Never raises for a
+        rollback: that is an outcome."""
+        ...
+
+    def describe(self, name: str) -> ServingStatus | None:
+        """The serving endpoint, None when there is none."""
+        ...
+
+    def delete(self, name: str) -> bool:
+        """Deletes the serving endpoint and everything it holds (both fleets, its alarms,
+        its scaling policy). Missing: False."""
+        ...
+
 
 def invoke_through(runtime: Any, endpoint_name: str, body: bytes, content_type: str,
                    accept: str) -> Invocation:
@@ -338,6 +469,7 @@ class Backend:
     jobs: TrainingJobs
     endpoints: Endpoints
     registry: Registry
+    serving: Serving
 
     def prepare(self) -> None:
         """Gets ready for a run's jobs and endpoints while its data downloads (the local

@@ -11,6 +11,7 @@ from pathlib import Path
 import endpoint_load
 import flow_overhead
 import process_start
+import promotion
 import train_vs_seed
 from common import machine, print_table
 
@@ -52,6 +53,7 @@ def main() -> None:
         ("endpoint_load", lambda: endpoint_load.main([])),
         ("flow_overhead", lambda: flow_overhead.main([])),
         ("process_start", lambda: process_start.main([])),
+        ("promotion", lambda: promotion.main([])),
     ):
         print(f"\n=== {title} ===", flush=True)
         rows += run()

@@ -97,7 +97,8 @@ def crash_detection(silence_seconds: int | None = None) -> Automation | None:
 # --- someone is told ------------------------------------------------------------------------
 
 FAILURE_NOTICE = "cifar10-pipeline: tell someone when a run fails"
-NOTIFY_FLOWS = ["cifar10-pipeline", "cifar10-sweep", "cifar10-endpoint-reaper"]
+# cifar10-promote too: a promotion that rolled back or failed leaves the old model serving.
+NOTIFY_FLOWS = ["cifar10-pipeline", "cifar10-sweep", "cifar10-endpoint-reaper", "cifar10-promote"]
 FAILURE_EVENTS = {f"prefect.flow-run.{s}" for s in ("Failed", "Crashed", "TimedOut")}
 # The flows that host an endpoint, named after the run as flows.run_context.resource_name names it
 # (NAME_PREFIX + the run id's first 12 hex digits): the template computes the same name.

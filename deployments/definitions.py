@@ -1,6 +1,7 @@
 """The project's Prefect deployments, defined once: the nightly pipeline, the hourly endpoint
-reaper and the on-demand sweep (no schedule: run it from the UI or `prefect deployment run`),
-with their schedules, default parameters, descriptions, tags and version.
+reaper, the on-demand sweep and the manual promotion to the serving endpoint (these two have no
+schedule: run them from the UI or `prefect deployment run`), with their schedules, default
+parameters, descriptions, tags and version.
 
 ``deployments/serve.py`` serves these; ``deployments/prefect.yaml`` (the work-pool route) states
 the same values in YAML, and a test keeps the two in step.
@@ -19,12 +20,14 @@ from prefect.types.entrypoint import EntrypointType
 
 from flows.config import PipelineConfig, SweepConfig
 from flows.pipeline import cifar10_pipeline
+from flows.promote import cifar10_promote
 from flows.reaper import reap_endpoints_flow
 from flows.sweep import cifar10_sweep
 
 PIPELINE_DEPLOYMENT = "nightly"
 REAPER_DEPLOYMENT = "hourly"
 SWEEP_DEPLOYMENT = "on-demand"
+PROMOTE_DEPLOYMENT = "manual"
 PIPELINE_CRON = "0 2 * * *"   # 02:00: the machine is idle and the result is there by morning
 REAPER_CRON = "30 * * * *"    # half past every hour, away from the pipeline's start
 REAPER_TTL_MINUTES = 120      # a healthy run deletes its endpoint within minutes of creating it
@@ -43,6 +46,11 @@ SWEEP_DESCRIPTION = (
     "On demand (not scheduled): train one model per grid point in parallel, host and "
     "smoke-test only the best, delete its endpoint, register every point. Edit config.grid "
     "and config.max_parallel in the run form."
+)
+PROMOTE_DESCRIPTION = (
+    "By hand (not scheduled): promote a registry version (empty: the champion; it must be "
+    "Approved) to the serving endpoint, blue/green with canary or linear traffic shifting and "
+    "automatic rollback, as config.serving says. Use it for a version approved by hand."
 )
 REAPER_DESCRIPTION = (
     "Hourly: delete pipeline-owned endpoints older than the TTL, i.e. what a crashed or "
@@ -123,3 +131,14 @@ def sweep_deployment() -> RunnerDeployment:
     """Not scheduled: a sweep runs when someone asks for one."""
     return _deployment(cifar10_sweep, name=SWEEP_DEPLOYMENT, parameters=sweep_parameters(),
                        description=SWEEP_DESCRIPTION, tags=[*TAGS, "sweep"])
+
+
+def promote_parameters() -> dict[str, Any]:
+    return {"version": None, "config": PipelineConfig().model_dump(mode="json")}
+
+
+def promote_deployment() -> RunnerDeployment:
+    """Not scheduled: a person promotes (the nightly pipeline promotes its own champion when
+    its config.serving.enabled is set)."""
+    return _deployment(cifar10_promote, name=PROMOTE_DEPLOYMENT, parameters=promote_parameters(),
+                       description=PROMOTE_DESCRIPTION, tags=[*TAGS, "serving"])

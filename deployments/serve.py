@@ -1,5 +1,5 @@
-"""Serve the deployments: the nightly pipeline, the hourly endpoint reaper and the on-demand
-sweep.
+"""Serve the deployments: the nightly pipeline, the hourly endpoint reaper, the on-demand
+sweep and the manual promotion to the serving endpoint.
 
 Registers them with the Prefect server at ``PREFECT_API_URL`` and runs their scheduled and
 manually triggered runs as subprocesses of this process, until stopped (Ctrl-C; the schedules
@@ -7,13 +7,14 @@ are then paused, since nothing would run them). ``make serve`` runs it against t
 Prefect API (environment or active profile), else ``make ui``'s server::
 
     python -m deployments.serve [--timezone Europe/Berlin] [--cron '0 2 * * *']
-                                [--reaper-cron '30 * * * *'] [--notify-block NAME]
+                                [--reaper-cron '30 * * * *'] [--notify-block NAME] [--serving]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from deployments.automations import (
     MISSED_HEARTBEATS,
@@ -26,6 +27,8 @@ from deployments.definitions import (
     REAPER_CRON,
     TIMEZONE_ENV,
     pipeline_deployment,
+    pipeline_parameters,
+    promote_deployment,
     reaper_deployment,
     schedule_timezone,
     sweep_deployment,
@@ -48,7 +51,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--notify-block", metavar="NAME",
                         help="send failed, crashed and timed-out runs to this Prefect "
                              "notification block (make serve NOTIFY_BLOCK=NAME)")
+    parser.add_argument("--serving", action="store_true",
+                        help="nightly runs promote a new champion to the serving endpoint "
+                             "(config.serving.enabled; off by default: the endpoint runs, and "
+                             "on AWS bills, around the clock)")
     return parser.parse_args(argv)
+
+
+def nightly_parameters(serving: bool) -> dict[str, Any] | None:
+    """The nightly run's parameters: the defaults, with serving turned on if asked (None: the
+    defaults as they are)."""
+    if not serving:
+        return None
+    from flows.config import PipelineConfig
+
+    return pipeline_parameters(PipelineConfig.model_validate({"serving": {"enabled": True}}))
 
 
 def api_problem() -> str | None:
@@ -72,9 +89,10 @@ def api_problem() -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        deployments = [pipeline_deployment(args.cron, args.timezone),
+        deployments = [pipeline_deployment(args.cron, args.timezone,
+                                           nightly_parameters(args.serving)),
                        reaper_deployment(args.reaper_cron, args.timezone),
-                       sweep_deployment()]
+                       sweep_deployment(), promote_deployment()]
         # a bad cron string or timezone, or a window shorter than the heartbeat interval
         automation = crash_detection(args.crash_after)
     except ValueError as e:

@@ -36,6 +36,12 @@ notify_app = typer.Typer(help="Tell someone when a run fails: a Prefect automati
                               "block (Slack, Teams, a webhook, PagerDuty...).",
                          no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
+serving_app = typer.Typer(help="The serving endpoint: a long-lived endpoint that holds the "
+                               "registry's champion, updated blue/green (all at once, canary "
+                               "or linear traffic shifting) and rolled back automatically when "
+                               "its alarms fire.",
+                          no_args_is_help=True)
+app.add_typer(serving_app, name="serving")
 
 # Each option is declared once, here, and shared by the commands that take it. A parameter's
 # name is then free to change: the option keeps the name written here.
@@ -69,10 +75,26 @@ KeepEndpoint = Annotated[bool, typer.Option("--keep-endpoint/--no-keep-endpoint"
 Cache = Annotated[bool, typer.Option(
     "--cache/--no-cache", help="reuse a completed training with the same data, code, "
                                "hyperparameters and instances (--no-cache trains anew)")]
+Promote = Annotated[bool, typer.Option(
+    "--promote/--no-promote", help="after registration, promote a new champion to the serving "
+                                   "endpoint (serving.enabled; see `serving --help`)")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="print the summary as one JSON object "
                                                           "on stdout")]
 JsonRows = Annotated[bool, typer.Option("--json", help="one JSON array on stdout")]
 Group = Annotated[str, typer.Option("--group", help="model package group")]
+ServingName = Annotated[str | None, typer.Option(
+    "--name", help="the serving endpoint (default: the config's serving.endpoint_name, "
+                   "cifar10-serving)")]
+Strategy = Annotated[str | None, typer.Option(
+    "--strategy", help="all_at_once, canary or linear (default: the config's, canary)")]
+Percent = Annotated[int | None, typer.Option(
+    "--percent", help="canary size (at most 50) or linear step (10-50), % of capacity")]
+WaitSeconds = Annotated[int | None, typer.Option(
+    "--wait-seconds", help="watch each traffic step this long (0-3600)")]
+BakingSeconds = Annotated[int | None, typer.Option(
+    "--baking-seconds", help="watch all traffic on the new fleet this long (0-3600)")]
+RollbackStrategy = Annotated[str, typer.Option(
+    "--strategy", help="all_at_once (the default: a rollback is urgent), canary or linear")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -138,6 +160,7 @@ def run(
     accuracy_floor: AccuracyFloor = 0.4,
     keep_endpoint: KeepEndpoint = False,
     cache: Cache = True,
+    promote: Promote = False,
     region: Region = None,
     role_arn: RoleArn = None,
     bucket: Bucket = None,
@@ -161,8 +184,9 @@ def run(
         backend=backend, data_url=data_url, data_md5=data_md5, precision=precision,
         instance_type=instance_type, instance_count=instance_count,
         endpoint_instance_type=endpoint_instance_type, smoke_images=smoke_images,
-        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache, region=region,
-        role_arn=role_arn, bucket=bucket, aws_credentials_block=aws_credentials_block)
+        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache,
+        promote=promote, region=region, role_arn=role_arn, bucket=bucket,
+        aws_credentials_block=aws_credentials_block)
     with _invalid_options():
         config = options.config(model=model, epochs=epochs, batch_size=batch_size,
                                 learning_rate=lr)
@@ -196,16 +220,16 @@ def _invalid_options() -> Iterator[None]:
             f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), 2)
 
 
-def _run_flow(flow: Any, config: Any, as_json: bool) -> None:
-    """Runs ``flow(config)`` against the user's Prefect API (else a temporary server) and
-    prints its summary, or fails with the run's error in one line."""
+def _run_flow(flow: Any, config: Any, as_json: bool, **parameters: Any) -> None:
+    """Runs ``flow(config, **parameters)`` against the user's Prefect API (else a temporary
+    server) and prints its summary, or fails with the run's error in one line."""
     from flows.prefect_api import PrefectUnavailable, connect
 
     try:
         connect(on_status=lambda line: typer.echo(line, err=True))
     except PrefectUnavailable as e:
         _fail(str(e))
-    state = flow(config, return_state=True)
+    state = flow(config=config, **parameters, return_state=True)
     if not state.is_completed():
         try:
             state.result()
@@ -254,6 +278,7 @@ def sweep(
     accuracy_floor: AccuracyFloor = 0.4,
     keep_endpoint: KeepEndpoint = False,
     cache: Cache = True,
+    promote: Promote = False,
     region: Region = None,
     role_arn: RoleArn = None,
     bucket: Bucket = None,
@@ -277,8 +302,9 @@ def sweep(
         backend=backend, data_url=data_url, data_md5=data_md5, precision=precision,
         instance_type=instance_type, instance_count=instance_count,
         endpoint_instance_type=endpoint_instance_type, smoke_images=smoke_images,
-        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache, region=region,
-        role_arn=role_arn, bucket=bucket, aws_credentials_block=aws_credentials_block)
+        accuracy_floor=accuracy_floor, keep_endpoint=keep_endpoint, cache=cache,
+        promote=promote, region=region, role_arn=role_arn, bucket=bucket,
+        aws_credentials_block=aws_credentials_block)
     with _invalid_options():
         base = options.config(model=grid["model"][0] if grid["model"] else "tutorial")
         config = SweepConfig.model_validate({
@@ -313,6 +339,7 @@ class PipelineOptions:
     accuracy_floor: float
     keep_endpoint: bool
     cache: bool
+    promote: bool
     region: str | None
     role_arn: str | None
     bucket: str | None
@@ -343,6 +370,7 @@ class PipelineOptions:
             "aws": _aws_settings(region=self.region, role_arn=self.role_arn, bucket=self.bucket,
                                  credentials_block=self.aws_credentials_block),
             "smoke_test": {"images": self.smoke_images, "accuracy_floor": self.accuracy_floor},
+            "serving": {"enabled": self.promote},
         })
 
 
@@ -425,6 +453,7 @@ def reap(
     for name in report.deleted:
         typer.echo(f"{verb} {name}")
     kept = f", {len(report.kept_by_user)} kept by choice" if report.kept_by_user else ""
+    kept += f", {len(report.serving)} serving (never reaped)" if report.serving else ""
     typer.echo(f"{len(report.deleted)} {verb}, {len(report.younger)} younger than {older_than} "
                f"kept{kept}")
     for error in report.errors:  # the others were reaped all the same
@@ -434,7 +463,10 @@ def reap(
 
 
 def _versions_table(versions: list, champion_version: int | None) -> list[dict[str, Any]]:
+    from tasks.lib.promotion import deployment_tag
+
     return [{"version": v.version, "status": v.status, "champion": v.version == champion_version,
+             "serving": deployment_tag(v.deployment), "deployment": v.deployment,
              "test_accuracy": v.metrics.get("test_accuracy"),
              "smoke_accuracy": v.metrics.get("smoke_accuracy"),
              "data_md5": v.lineage.get("data_md5", ""),
@@ -452,7 +484,8 @@ def list_models(
     as_json: JsonRows = False,
 ) -> None:
     """The registered versions, oldest first, with their lineage; * marks the champion (the
-    newest approved version)."""
+    newest approved version); "serving" the version on the serving endpoint, "rolled back" one
+    its alarms refused, "replaced" one that served before."""
     from backends.base import champion
 
     with _backend_errors():
@@ -465,11 +498,12 @@ def list_models(
     if not rows:
         typer.echo(f"no versions in {group}")
         return
-    typer.echo(f"{'':1} {'version':>7}  {'status':<21} {'test acc':>8} {'smoke':>6}  "
-               f"{'data md5':<10} {'code':<10} {'created':<25} {'training job':<24} reason")
+    typer.echo(f"{'':1} {'version':>7}  {'status':<21} {'serving':<11} {'test acc':>8} "
+               f"{'smoke':>6}  {'data md5':<10} {'code':<10} {'created':<25} "
+               f"{'training job':<24} reason")
     for row in rows:
         typer.echo(f"{'*' if row['champion'] else ' '} {row['version']:>7}  "
-                   f"{row['status']:<21} {row['test_accuracy'] or 0:>8.4f} "
+                   f"{row['status']:<21} {row['serving']:<11} {row['test_accuracy'] or 0:>8.4f} "
                    f"{_smoke(row['smoke_accuracy']):>6}  {row['data_md5'][:10]:<10} "
                    f"{row['code_digest'][:10]:<10} {row['created']:<25} "
                    f"{row['training_job']:<24} {row['reason']}")
@@ -515,6 +549,155 @@ def reject(
     from backends.base import REJECTED
 
     _decide(backend, group, version, REJECTED, reason, region, aws_credentials_block)
+
+
+def _serving_config(backend: str, group: str, region: str | None,
+                    credentials_block: str | None, **serving: Any) -> PipelineConfig:
+    """The config a `serving` command runs with: these options, the defaults for the rest
+    (``serving``: the serving section's fields given, None for the config's default)."""
+    from flows.config import PipelineConfig
+
+    if backend not in ("local", "aws"):
+        _fail(f"unknown backend {backend!r}; choose local or aws", 2)
+    with _invalid_options():
+        return PipelineConfig.model_validate({
+            "backend": backend, "registry": {"group": group},
+            "aws": _aws_settings(region=region, credentials_block=credentials_block),
+            "serving": {k: v for k, v in serving.items() if v is not None}})
+
+
+@serving_app.command("status")
+def serving_status(
+    name: ServingName = None,
+    backend: BackendOption = "local",
+    group: Group = "cifar10-pipeline",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+    as_json: JsonSummary = False,
+) -> None:
+    """What the serving endpoint serves.
+
+    Its status, the registry version and its model, where it listens (local), its last
+    deployment."""
+    import dataclasses
+
+    endpoint = _serving_config(backend, group, region, aws_credentials_block,
+                               endpoint_name=name).serving.endpoint_name
+    with _backend_errors():
+        target = _backend(backend, region, aws_credentials_block)
+        status = target.serving.describe(endpoint)
+        versions = target.registry.versions(group) if status and status.group == group else []
+    record = next((v for v in versions if status and v.version == status.version), None)
+    registry = None if record is None else {"status": record.status, "reason": record.reason,
+                                            "deployment": record.deployment}
+    if as_json:
+        typer.echo(json.dumps(None if status is None else {**dataclasses.asdict(status),
+                                                           "registry": registry}, default=str))
+        return
+    if status is None:
+        typer.echo(f"no serving endpoint {endpoint} (create it: `cifar10-pipeline serving "
+                   f"promote VERSION`)")
+        return
+    serving = "nothing serves" if status.version is None else (
+        f"{status.group} v{status.version}" + (f" ({record.status})" if record else ""))
+    typer.echo(f"{status.name}  {status.status}  {serving}  {status.url or ''}".rstrip())
+    typer.echo(f"  model            {status.model_uri}")
+    typer.echo(f"  last deployment  {status.last_deployment or '-'}")
+
+
+@serving_app.command("promote")
+def serving_promote(
+    version: Annotated[int, typer.Argument(help="the registry version (it must be Approved)")],
+    name: ServingName = None,
+    strategy: Strategy = None,
+    percent: Percent = None,
+    wait_seconds: WaitSeconds = None,
+    baking_seconds: BakingSeconds = None,
+    backend: BackendOption = "local",
+    group: Group = "cifar10-pipeline",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+    as_json: JsonSummary = False,
+) -> None:
+    """Put an Approved version on the serving endpoint, blue/green.
+
+    Created at the first promotion, then updated blue/green (the new fleet starts, traffic
+    shifts to it as --strategy says, the alarms watch each step and the baking period, the
+    old fleet stops), or rolled back automatically, the old version still serving. Runs the
+    cifar10-promote flow: its steps and a plot are on the run's page. Exit 1 when it rolled
+    back or failed.
+
+    cifar10-pipeline serving promote 4 --strategy linear --percent 25
+    """
+    config = _serving_config(backend, group, region, aws_credentials_block, endpoint_name=name,
+                             strategy=strategy, percent=percent, wait_seconds=wait_seconds,
+                             baking_seconds=baking_seconds)
+    from flows.promote import cifar10_promote
+
+    _run_flow(cifar10_promote, config, as_json, version=version)
+
+
+@serving_app.command("rollback")
+def serving_rollback(
+    name: ServingName = None,
+    strategy: RollbackStrategy = "all_at_once",
+    backend: BackendOption = "local",
+    group: Group = "cifar10-pipeline",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+    as_json: JsonSummary = False,
+) -> None:
+    """Put the previous champion back on the serving endpoint.
+
+    The previous champion: the version the serving one replaced (marked "replaced by vN" in
+    `models list`) if it is still Approved, else the newest Approved version older than the
+    serving one. The version taken off is marked "rolled back", and nightly runs do not
+    promote it again (`serving promote` does)."""
+    from tasks.lib.promotion import rollback_target
+
+    config = _serving_config(backend, group, region, aws_credentials_block, endpoint_name=name,
+                             strategy=strategy)
+    endpoint = config.serving.endpoint_name
+    with _backend_errors():
+        target = _backend(backend, region, aws_credentials_block)
+        status = target.serving.describe(endpoint)
+        versions = target.registry.versions(group)
+    if status is None or status.version is None or status.group != group:
+        _fail(f"{endpoint} serves no version of {group}: nothing to roll back")
+    found = rollback_target(versions, status.version)
+    if found is None:
+        _fail(f"{group} has no Approved version older than v{status.version} to roll back to")
+    previous, why = found
+    typer.echo(f"rolling {endpoint} back from v{status.version} to v{previous.version} "
+               f"({why})", err=True)
+    from flows.promote import cifar10_promote
+
+    _run_flow(cifar10_promote, config, as_json, version=previous.version)
+
+
+@serving_app.command("delete")
+def serving_delete(
+    name: ServingName = None,
+    backend: BackendOption = "local",
+    group: Group = "cifar10-pipeline",
+    region: Region = None,
+    aws_credentials_block: CredentialsBlock = None,
+) -> None:
+    """Delete the serving endpoint with its fleets, alarms and scaling.
+
+    On AWS it bills around the clock until deleted. With serving.enabled, the next pipeline
+    run whose version is the champion creates it again."""
+    endpoint = _serving_config(backend, group, region, aws_credentials_block,
+                               endpoint_name=name).serving.endpoint_name
+    from tasks.lib.promotion import serving_on
+
+    with _backend_errors():
+        target = _backend(backend, region, aws_credentials_block)
+        deleted = target.serving.delete(endpoint)
+        for version in target.registry.versions(group):
+            if version.deployment == serving_on(endpoint):  # it serves nowhere now
+                target.registry.set_deployment(group, version.version, None)
+    typer.echo(f"{endpoint}: {'deleted' if deleted else 'not found (nothing to delete)'}")
 
 
 BlockName = Annotated[str, typer.Option("--block", help="the notification block's name (or "

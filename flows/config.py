@@ -4,19 +4,28 @@ and shown as a form in the Prefect UI."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.base import MODEL_GROUP_PATTERN, Backend, ConfigurationError
+from backends.base import (
+    MODEL_GROUP_PATTERN,
+    Autoscaling,
+    Backend,
+    ConfigurationError,
+    RollbackAlarms,
+    TrafficShift,
+)
 from backends.settings import state_dir
-from model_src.contract import whole_if_integral
+from model_src.contract import NAME_PATTERN, whole_if_integral
 from tasks.lib.download import (
     DEFAULT_DEADLINE_MINUTES,
     DEFAULT_MAX_BYTES,
     DEFAULT_MD5,
     DEFAULT_URL,
 )
+from tasks.lib.promotion import ServingPlan
 from tasks.lib.promotion_gate import GatePolicy
 
 
@@ -97,6 +106,93 @@ class RegistrySettings(_Section):
         return GatePolicy(tolerance=self.tolerance, auto_approve=self.auto_approve)
 
 
+class AutoscalingSettings(_Section):
+    """Target tracking on invocations per instance (Application Auto Scaling; aws only)."""
+
+    min_instances: int = Field(1, ge=1, le=100, description="never fewer instances")
+    max_instances: int = Field(2, ge=1, le=100, description="never more instances")
+    invocations_per_instance: int = Field(1000, ge=1, le=1_000_000,
+                                          description="the target: invocations per instance "
+                                                      "per minute")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoscalingSettings:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"autoscaling: min_instances {self.min_instances} is more than "
+                             f"max_instances {self.max_instances}")
+        return self
+
+
+class ServingSettings(_Section):
+    """The serving endpoint: a long-lived endpoint that holds the registry's champion, updated
+    blue/green as SageMaker's deployment guardrails update one (traffic shifted all at once,
+    as a canary, or in linear steps, watched by rollback alarms). The limits are the API's
+    (UpdateEndpoint's DeploymentConfig), and the local backend honours the same ones: a
+    canary of at most 50%, linear steps of 10-50%, waits and baking of 0-3600 s, a whole
+    update of 600-28800 s, longer than its waits added up."""
+
+    enabled: bool = Field(False, description="after registration, promote a new champion to "
+                                             "the serving endpoint (runs around the clock: on "
+                                             "AWS it bills every hour)")
+    endpoint_name: str = Field("cifar10-serving", pattern=NAME_PATTERN,
+                               description="the serving endpoint (SageMaker's name rule)")
+    strategy: Literal["all_at_once", "canary", "linear"] = Field(
+        "canary", description="all_at_once; canary: percent of capacity first, then the "
+                              "rest; linear: steps of percent")
+    percent: int = Field(10, ge=1, le=50, description="canary: its share of capacity (at "
+                                                      "most 50); linear: each step (10-50)")
+    wait_seconds: int = Field(300, ge=0, le=3600, description="watch each canary or linear "
+                                                              "step this long (0-3600)")
+    baking_seconds: int = Field(300, ge=0, le=3600, description="watch all traffic on the new "
+                                                                "fleet this long before the "
+                                                                "old one stops (0-3600)")
+    max_seconds: int = Field(3600, ge=600, le=28800, description="the whole update may take "
+                                                                 "this long (600-28800)")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="roll back above this share "
+                                                                "of 5xx answers")
+    max_p99_latency_ms: float = Field(2000.0, gt=0, le=60_000,
+                                      description="roll back above this p99 model latency")
+    instance_type: str = Field("ml.m5.large", description="SageMaker hosting instance "
+                                                          "(ignored by the local backend)")
+    instance_count: int = Field(1, ge=1, le=10, description="instances per fleet")
+    autoscaling: AutoscalingSettings | None = Field(None, description="scale on invocations "
+                                                                      "(aws); null: fixed")
+
+    @model_validator(mode="after")
+    def _guardrail_limits(self) -> ServingSettings:
+        if self.strategy == "linear" and self.percent < 10:
+            raise ValueError(f"serving: a linear step of {self.percent}% is below the 10% "
+                             f"SageMaker allows (10-50%)")
+        if (waits := self.total_wait_seconds()) >= self.max_seconds:
+            raise ValueError(f"serving: the waits add up to {waits} s ({self.strategy}, "
+                             f"wait_seconds and baking_seconds), so max_seconds "
+                             f"{self.max_seconds} must be larger (at most 28800)")
+        return self
+
+    def total_wait_seconds(self) -> int:
+        """What an update waits in all: each interval between traffic steps, then baking."""
+        steps = {"all_at_once": 0, "canary": 1,
+                 "linear": math.ceil(100 / self.percent) - 1}[self.strategy]
+        return steps * self.wait_seconds + self.baking_seconds
+
+    def plan(self, instance_type: str) -> ServingPlan:
+        """The promotion's request, less the model: the endpoint, its instances, the traffic
+        shift, the rollback alarms and the scaling."""
+        scaling = self.autoscaling
+        return ServingPlan(
+            endpoint=self.endpoint_name, instance_type=instance_type,
+            instance_count=self.instance_count,
+            shift=TrafficShift(strategy=self.strategy, percent=self.percent,
+                               wait_seconds=self.wait_seconds,
+                               baking_seconds=self.baking_seconds,
+                               max_seconds=self.max_seconds),
+            alarms=RollbackAlarms(max_error_rate=self.max_error_rate,
+                                  max_p99_latency_ms=self.max_p99_latency_ms),
+            autoscaling=None if scaling is None else Autoscaling(
+                min_instances=scaling.min_instances, max_instances=scaling.max_instances,
+                invocations_per_instance=scaling.invocations_per_instance))
+
+
 class AwsSettings(_Section):
     region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
     role_arn: str | None = Field(None, description="SageMaker execution role; default: "
@@ -154,6 +250,7 @@ class PipelineConfig(_Section):
     registry: RegistrySettings = RegistrySettings()
     aws: AwsSettings = AwsSettings()
     retention: RetentionSettings = RetentionSettings()
+    serving: ServingSettings = ServingSettings()
 
     @model_validator(mode="after")
     def _x86_instances_on_aws(self) -> PipelineConfig:
@@ -161,7 +258,8 @@ class PipelineConfig(_Section):
             from backends.aws.images import check_x86
 
             try:
-                for instance_type in (self.training.instance_type, self.endpoint.instance_type):
+                for instance_type in (self.training.instance_type, self.endpoint.instance_type,
+                                      self.serving.instance_type):
                     check_x86(instance_type)
             except ConfigurationError as e:
                 raise ValueError(str(e)) from None
@@ -172,6 +270,11 @@ class PipelineConfig(_Section):
         if self.backend == "local":
             return "local", "local"
         return self.training.instance_type, self.endpoint.instance_type
+
+    def serving_plan(self) -> ServingPlan:
+        """How the serving endpoint is updated, on this backend's instances."""
+        return self.serving.plan("local" if self.backend == "local"
+                                 else self.serving.instance_type)
 
 
 MAX_SWEEP_POINTS = 64

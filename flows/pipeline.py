@@ -1,7 +1,7 @@
 """The CIFAR-10 pipeline as one Prefect flow:
 
 download → preview → upload → fit (or reuse) → deploy → smoke-predict → delete endpoint →
-register.
+register → promote (when ``serving.enabled``: a new champion goes to the serving endpoint).
 
 The endpoint is deleted when the hosting block ends (success or failure) and again by the
 cancellation and crash hooks, unless ``endpoint.keep`` is set; what a hard kill skips, the
@@ -17,6 +17,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.config import PipelineConfig, data_root, get_backend
+from flows.promote import promote_stage, raise_unless_served
 from flows.run_context import start_run
 from flows.smoke_endpoint import SmokeTestEndpoint, teardown_run_endpoint
 from flows.training_jobs import plan_training_job
@@ -42,7 +43,8 @@ def teardown_endpoint(flow: Flow, flow_run: FlowRun, state: State) -> None:
 @flow(name="cifar10-pipeline", flow_run_name=_run_name, log_prints=True,
       on_cancellation=[teardown_endpoint], on_crashed=[teardown_endpoint])
 def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  # noqa: B008
-    """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down."""
+    """Train a CNN on CIFAR-10, host it as a SageMaker endpoint, smoke-test it, tear it down;
+    with config.serving.enabled, promote a new champion to the serving endpoint."""
     run = start_run(config, get_backend(config))
 
     with run.stage("download"):
@@ -64,6 +66,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
         registration = register_model(run.backend, job.candidate(run, training, smoke),
                                       training, smoke, config.registry.gate_policy())
     endpoint.raise_failure()
+    promotion = promote_stage(run, registration)
 
     training_summary = TrainingSummary.of(training, job.spec)
     endpoint_summary = endpoint.summary()
@@ -72,6 +75,7 @@ def cifar10_pipeline(config: PipelineConfig = PipelineConfig()) -> RunSummary:  
         data=DataSummary.of(dataset, data_uri),
         training=training_summary, smoke_test=smoke, endpoint=endpoint_summary,
         cost=estimate_cost(run.backend.name, [training_summary], endpoint_summary),
-        registry=registration)
+        registry=registration, promotion=promotion)
     publish_summary(summary)
+    raise_unless_served(promotion)  # after the summary: it says what rolled back, and why
     return summary

@@ -2,7 +2,7 @@
 
 download → upload → fit every grid point (concurrent training jobs, at most ``max_parallel``
 at once) → pick the best test accuracy → deploy, smoke-test and delete the winner's endpoint
-→ register every point.
+→ register every point → promote the winner (when ``serving.enabled``, as the pipeline does).
 
 Points that fail are reported and do not fail the sweep, unless all of them fail. Only the
 winner is ever hosted, and its endpoint is deleted as in the pipeline (``finally``, then the
@@ -30,6 +30,7 @@ from flows.config import (
     data_root,
     get_backend,
 )
+from flows.promote import promote_stage, raise_unless_served
 from flows.run_context import RunContext, resource_name, start_run
 from flows.smoke_endpoint import SmokeTestEndpoint, teardown_run_endpoint
 from flows.training_jobs import PlannedJob, plan_training_job
@@ -254,6 +255,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
     with run.stage("register"):
         register_points(run, jobs, results, trained, best, smoke)
     endpoint.raise_failure()
+    promotion = promote_stage(run, results[best].registry)
 
     hosting = endpoint.summary()
     summary = SweepSummary(
@@ -262,6 +264,7 @@ def cifar10_sweep(config: SweepConfig = SweepConfig()) -> SweepSummary:  # noqa:
         smoke_test=smoke, endpoint=hosting,
         quota_note=quota_note(results, base.training.instance_type),
         cost=estimate_cost(run.backend.name, [p.training for p in results if p.training],
-                           hosting))
+                           hosting), promotion=promotion)
     publish_sweep(summary)
+    raise_unless_served(promotion)  # after the report: it says what rolled back, and why
     return summary

@@ -21,6 +21,7 @@ def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "run" in result.stdout and "endpoints" in result.stdout
+    assert "serving" in result.stdout
     result = runner.invoke(app, ["endpoints", "reap", "--help"])
     assert "--older-than" in result.stdout and "--dry-run" in result.stdout
 
@@ -88,7 +89,8 @@ def test_endpoint_commands_list_delete_and_reap(model_uri, pipeline_home):
 
 MANAGEMENT_COMMANDS = [["endpoints", "list"], ["endpoints", "delete", "some-endpoint"],
                        ["endpoints", "reap", "--older-than", "1h"], ["models", "list"],
-                       ["models", "approve", "3"], ["models", "reject", "3"]]
+                       ["models", "approve", "3"], ["models", "reject", "3"],
+                       ["serving", "status"], ["serving", "rollback"], ["serving", "delete"]]
 
 
 @pytest.fixture

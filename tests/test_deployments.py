@@ -33,6 +33,7 @@ from deployments.definitions import (
     REAPER_DEPLOYMENT,
     pipeline_deployment,
     pipeline_parameters,
+    promote_deployment,
     reaper_deployment,
     reaper_parameters,
     sweep_deployment,
@@ -161,13 +162,14 @@ def test_prefect_yaml_matches_the_served_deployments():
 
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    for served in (pipeline_deployment(), reaper_deployment(), sweep_deployment()):
+    for served in (pipeline_deployment(), reaper_deployment(), sweep_deployment(),
+                   promote_deployment()):
         worker = by_name[f"{served.name}-worker"]
         if served.schedules:
             [schedule] = worker["schedules"]
             assert schedule["cron"] == served.schedules[0].schedule.cron
             assert schedule["timezone"] == "{{ $" + definitions.TIMEZONE_ENV + " }}"
-        else:  # the sweep runs on demand
+        else:  # the sweep and the promotion run on demand
             assert not worker.get("schedules")
         assert worker["parameters"] == served.parameters
         assert worker["tags"] == served.tags

@@ -168,7 +168,7 @@ def test_the_caller_policy_grants_nothing_the_code_does_not_use(named):
 
 def test_removing_an_action_from_the_caller_policy_fails_the_check(named):
     """The check is live: the caller policy without sagemaker:DescribeModel (issue 24, defect
-    4: the lookup after a retried CreateModel) names the line of hosting.py that needs it."""
+    4: the lookup after a retried CreateModel) names the lines that need it."""
     v = PARTITIONS["aws"]
     policy = copy.deepcopy(filled(CALLER_POLICY, v))
     for statement in policy["Statement"]:
@@ -177,7 +177,9 @@ def test_removing_an_action_from_the_caller_policy_fails_the_check(named):
             statement["Action"].remove("sagemaker:DescribeModel")
     _, problems = check(named.calls, policy, v)
     where = [c.where for c in named.calls if c.operation == "DescribeModel"]
-    assert where and all(w.startswith("backends/aws/hosting.py:") for w in where)
+    # hosting.py's lookup, and serving.py's reading of which model a fleet holds
+    assert sorted({w.split(":")[0] for w in where}) == ["backends/aws/hosting.py",
+                                                         "backends/aws/serving.py"]
     assert problems == [
         f"{w}: sagemaker.DescribeModel needs sagemaker:DescribeModel on arn:aws:sagemaker:"
         f"us-east-1:123456789012:model/cifar10-0123456789ab, which the policy does not allow"
@@ -185,18 +187,87 @@ def test_removing_an_action_from_the_caller_policy_fails_the_check(named):
 
 
 def test_a_call_added_without_its_action_fails_the_check():
-    """The check is live the other way too: a module that calls UpdateEndpoint (granted to
+    """The check is live the other way too: a module that calls ListTrainingJobs (granted to
     nobody) is named with its line and the action it needs."""
     sources = {p: (ROOT / p).read_text() for p in ("backends/aws/session.py",)}
-    sources["backends/aws/serving.py"] = (
-        "class Serving:\n"
-        "    def update(self, name):\n"
-        "        self.aws.sagemaker.update_endpoint(EndpointName=name, EndpointConfigName=name)\n")
+    sources["backends/aws/mystery.py"] = (
+        "class Jobs:\n"
+        "    def all(self):\n"
+        "        return self.aws.sagemaker.list_training_jobs(MaxResults=10)\n")
     found = scan(sources=sources)
     v = PARTITIONS["aws"]
     _, problems = check(found.calls, filled(CALLER_POLICY, v), v)
-    assert problems and all(p.startswith("backends/aws/serving.py:3: sagemaker.UpdateEndpoint "
-                                         "needs sagemaker:UpdateEndpoint on ") for p in problems)
+    assert problems == ["backends/aws/mystery.py:3: sagemaker.ListTrainingJobs needs "
+                        "sagemaker:ListTrainingJobs on *, which the policy does not allow"]
+
+
+# -- the serving endpoint (backends/aws/serving.py) -------------------------------------------
+
+SERVING_CALLS = {
+    ("sagemaker", "CreateModel"), ("sagemaker", "CreateEndpointConfig"),
+    ("sagemaker", "CreateEndpoint"), ("sagemaker", "UpdateEndpoint"),
+    ("sagemaker", "DescribeModel"), ("sagemaker", "DeleteModel"),
+    ("sagemaker", "DeleteEndpointConfig"), ("sagemaker", "ListModels"),
+    ("sagemaker", "ListEndpointConfigs"),
+    ("cloudwatch", "PutMetricAlarm"), ("cloudwatch", "DescribeAlarms"),
+    ("cloudwatch", "DeleteAlarms"),
+    ("application-autoscaling", "RegisterScalableTarget"),
+    ("application-autoscaling", "DeregisterScalableTarget"),
+    ("application-autoscaling", "DescribeScalableTargets"),
+    ("application-autoscaling", "PutScalingPolicy"),
+    ("application-autoscaling", "DescribeScalingPolicies"),
+}
+
+
+def test_the_scan_sees_the_serving_endpoints_calls(named):
+    """What AwsServing names itself (hosting's helpers it reuses are scanned in hosting.py)."""
+    found = {(c.service, c.operation) for c in named.calls
+             if c.where.startswith("backends/aws/serving.py:")}
+    assert found == SERVING_CALLS
+    creates = [c for c in named.calls if c.where.startswith("backends/aws/serving.py:")
+               and c.operation.startswith("Create")]
+    assert all(c.tagged for c in creates)
+    assert [c.passes_role for c in creates if c.operation == "CreateModel"] == [True]
+
+
+@pytest.mark.parametrize("sid, needed", [
+    ("ServingEndpointBlueGreenUpdates", "sagemaker.UpdateEndpoint needs sagemaker:UpdateEndpoint"),
+    ("ServingRollbackAlarmsAndTheAutoscalingAlarms",
+     "cloudwatch.PutMetricAlarm needs cloudwatch:PutMetricAlarm"),
+    ("ServingAutoscalingTargetsHaveNoNamedArns",
+     "application-autoscaling.DeregisterScalableTarget needs "
+     "application-autoscaling:DeregisterScalableTarget on *"),
+    # Application Auto Scaling creates its service-linked role on first use, as the caller...
+    ("AutoscalingCreatesItsServiceLinkedRoleOnFirstUse",
+     "application-autoscaling.RegisterScalableTarget needs iam:CreateServiceLinkedRole on "
+     "arn:aws:iam::123456789012:role/aws-service-role/sagemaker.application-autoscaling."
+     "amazonaws.com/AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint when "
+     "{'iam:AWSServiceName': 'sagemaker.application-autoscaling.amazonaws.com'}"),
+])
+def test_each_serving_statement_is_needed_by_a_line_of_serving(named, sid, needed):
+    """Without the statement, the check names a line of backends/aws/serving.py and what it
+    needs (implied requests included: the service-linked role)."""
+    v = PARTITIONS["aws"]
+    policy = copy.deepcopy(filled(CALLER_POLICY, v))
+    policy["Statement"] = [s for s in policy["Statement"] if s["Sid"] != sid]
+    _, problems = check(named.calls, policy, v)
+    assert any(p.startswith("backends/aws/serving.py:") and needed in p for p in problems), \
+        "\n".join(problems)
+
+
+@pytest.mark.parametrize("partition", PARTITION_NAMES)
+def test_target_tracking_may_manage_its_own_alarms_on_the_pipelines_endpoints_only(partition):
+    """PutScalingPolicy makes Application Auto Scaling check that the caller may put, read
+    and delete the alarms a target-tracking policy owns (TargetTracking-endpoint/...); the
+    grant covers those of cifar10- endpoints, not others'."""
+    v = PARTITIONS[partition]
+    policy = filled(CALLER_POLICY, v)
+    alarm = f"arn:{v.partition}:cloudwatch:{v.region}:{v.account}:alarm:TargetTracking-endpoint"
+    mine = f"{alarm}/cifar10-serving/variant/AllTraffic-AlarmHigh-1234"
+    theirs = f"{alarm}/prod-fraud/variant/AllTraffic-AlarmHigh-1234"
+    for action in ("cloudwatch:PutMetricAlarm", "cloudwatch:DeleteAlarms"):
+        assert matching_statements(policy, Request(action, mine))
+        assert not matching_statements(policy, Request(action, theirs))
 
 
 @pytest.mark.parametrize("partition", PARTITION_NAMES)
@@ -256,6 +327,9 @@ def test_the_execution_role_allows_what_sagemaker_does_with_it(partition):
         Request("ecr:GetAuthorizationToken", "*"), Request("ecr:BatchGetImage", repository),
         Request("cloudwatch:PutMetricData", "*",
                 (("cloudwatch:namespace", "/aws/sagemaker/TrainingJobs"),)),
+        # Deployment guardrails read the rollback alarms as the endpoint's role.
+        Request("cloudwatch:DescribeAlarms",
+                f"{arn}:cloudwatch:{v.region}:{v.account}:alarm:cifar10-serving-5xx"),
     ]
     assert [r for r in requests if not matching_statements(policy, r)] == []
     # and nothing outside the pipeline's prefix

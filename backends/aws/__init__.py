@@ -6,7 +6,9 @@
 - ``endpoints``: model, endpoint config and endpoint on the PyTorch inference DLC, invoked
   through boto3's ``sagemaker-runtime`` client, the same client code as the local backend
   (``hosting``);
-- ``registry``: SageMaker Model Registry (``registry``).
+- ``registry``: SageMaker Model Registry (``registry``);
+- ``serving``: the long-lived serving endpoint, updated blue/green with SageMaker's deployment
+  guardrails, CloudWatch rollback alarms and optional autoscaling (``serving``).
 
 Building the backend is cheap and offline; region, credentials, role and bucket are resolved
 on first use, and a missing one raises ``ConfigurationError`` saying what to set.
@@ -23,6 +25,7 @@ from backends.aws.config import AwsOptions
 from backends.aws.errors import aws_errors
 from backends.aws.hosting import AwsEndpoints
 from backends.aws.registry import AwsRegistry
+from backends.aws.serving import AwsServing
 from backends.aws.session import AwsSession, SessionFactory
 from backends.aws.storage import S3Storage
 from backends.aws.training import AwsTrainingJobs
@@ -57,6 +60,7 @@ class AwsBackend(Backend):
         self.jobs = AwsTrainingJobs(self.aws, self.options, self.sdk_session, self.bucket)
         self.endpoints = AwsEndpoints(self.aws, self.options)
         self.registry = AwsRegistry(self.aws, self.options, self.bucket, self.endpoints.image)
+        self.serving = AwsServing(self.aws, self.options, self.endpoints)
 
     def sdk_session(self) -> Any:
         """The SageMaker SDK session over our boto3 session, its default bucket ours."""

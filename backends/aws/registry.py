@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 # CustomerMetadataProperties: keys of at most 128 characters, values of at most 256.
 MAX_VALUE = 256
 METRIC_PREFIX = "metric:"  # metrics kept beside the lineage, so listing needs no S3 read
-KNOWN = ("training_job", "cache_key", "model_uri")
+# Where the version stands on the serving endpoint (ModelVersion.deployment): customer metadata
+# too, as SageMaker Model Registry has no field for it.
+DEPLOYMENT_KEY = "deployment"
+KNOWN = ("training_job", "cache_key", "model_uri", DEPLOYMENT_KEY)
 # The characters a metadata value may hold (the API's pattern); others become "_".
 METADATA_VALUE = regex.compile(r"[^\p{L}\p{Z}\p{N}_.:/=+\-@]")
 # Fresh keys tried for a metrics report before giving up (each is random: a second is needed
@@ -192,6 +195,30 @@ class AwsRegistry:
                                          ApprovalDescription=reason[:1024], **keep)
         return self._version(arn)
 
+    def set_deployment(self, group: str, version: int, deployment: str | None) -> ModelVersion:
+        """UpdateModelPackage with the version's metadata, its ``deployment`` key set (or
+        removed: None). The status and its reason are passed again as they are: some
+        implementations (moto) clear what a request leaves out, and the metadata is passed
+        whole for those that replace the map rather than merge it."""
+        found = [v for v in self.versions(group) if v.version == version]
+        if not found:
+            raise BackendError(f"model package group {group} has no version {version}")
+        arn = found[0].arn
+        described = self._describe(arn)
+        metadata = dict(described.get("CustomerMetadataProperties") or {})
+        metadata.pop(DEPLOYMENT_KEY, None)
+        if deployment is not None:
+            metadata[DEPLOYMENT_KEY] = _fit(deployment)
+        change: dict[str, Any] = {"CustomerMetadataProperties": metadata} if metadata else {}
+        if deployment is None:
+            change["CustomerMetadataPropertiesToRemove"] = [DEPLOYMENT_KEY]
+        with aws_errors(f"recording where version {version} of model package group {group} "
+                        f"is deployed"):
+            self.sm.update_model_package(
+                ModelPackageArn=arn, ModelApprovalStatus=described["ModelApprovalStatus"],
+                ApprovalDescription=described.get("ApprovalDescription", "")[:1024], **change)
+        return self._version(arn)
+
     def _describe(self, arn: str) -> dict[str, Any]:
         with aws_errors(f"describing model package {arn}"):
             return self.sm.describe_model_package(ModelPackageName=arn)
@@ -212,7 +239,8 @@ class AwsRegistry:
             created=created if created.tzinfo else created.replace(tzinfo=dt.UTC),
             model_uri=metadata.get("model_uri", ""),
             training_job=metadata.get("training_job", ""),
-            cache_key=metadata.get("cache_key", ""), metrics=metrics, lineage=lineage, arn=arn)
+            cache_key=metadata.get("cache_key", ""), metrics=metrics, lineage=lineage, arn=arn,
+            deployment=metadata.get(DEPLOYMENT_KEY))
 
 
 def new_report_id() -> str:

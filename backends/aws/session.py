@@ -129,3 +129,11 @@ class AwsSession:
     @property
     def runtime(self) -> Any:
         return self.client("sagemaker-runtime")
+
+    @property
+    def cloudwatch(self) -> Any:
+        return self.client("cloudwatch")
+
+    @property
+    def app_autoscaling(self) -> Any:
+        return self.client("application-autoscaling")

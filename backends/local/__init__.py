@@ -13,6 +13,7 @@ from backends.local import launcher
 from backends.local.endpoints import LocalEndpoints
 from backends.local.registry import LocalRegistry
 from backends.local.retention import RetentionPolicy, apply_retention
+from backends.local.serving import LocalServing
 from backends.local.store import LocalStore
 from backends.local.training import LocalTrainingJobs
 from backends.settings import SOURCE_DIR, state_dir
@@ -32,7 +33,8 @@ def bypass_proxies_for_loopback() -> None:
 
 
 class LocalBackend(Backend):
-    """The store, training jobs, endpoints and registry under one state directory."""
+    """The store, training jobs, endpoints, registry and serving endpoints under one state
+    directory."""
 
     name = "local"
 
@@ -51,10 +53,12 @@ class LocalBackend(Backend):
         self.endpoints = LocalEndpoints(self.root / "endpoints", python=python,
                                         deploy_timeout_seconds=deploy_timeout_seconds)
         self.registry = LocalRegistry(self.root / "registry")
+        # The long-lived serving endpoints: a router in front of fleets that are endpoints.
+        self.serving = LocalServing(self.root / "serving", self.endpoints, python=python)
 
     def prepare(self) -> None:
         launcher.prepare(self.python)
 
     def apply_retention(self) -> list[str]:
         return apply_retention(self.retention, self.jobs, self.endpoints, self.registry,
-                               self.storage).lines()
+                               self.storage, serving=self.serving).lines()

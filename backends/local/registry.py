@@ -5,7 +5,9 @@ exclusive lock on ``<group>/.lock``: the champion is read, the promotion gate de
 version is written, so two runs registering at once are decided one after the other, get
 consecutive numbers and lose nothing. ``<group>/.last-version`` is the highest number ever
 given: a version number is never reused, even after its record is deleted. Every write replaces
-a whole file atomically and durably; an unreadable record is skipped with a warning.
+a whole file atomically and durably; an unreadable record is skipped with a warning. A version's
+place on the serving endpoint (``deployment``) is a field of its record; records written before
+it existed read as never promoted.
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ class LocalRegistry:
         return self._read_all(directory)
 
     def set_status(self, group: str, version: int, status: str, reason: str) -> ModelVersion:
+        return self._update(group, version, status=status, reason=reason)
+
+    def set_deployment(self, group: str, version: int, deployment: str | None) -> ModelVersion:
+        return self._update(group, version, deployment=deployment)
+
+    def _update(self, group: str, version: int, **changes: str | None) -> ModelVersion:
+        """Rewrites one version's record with ``changes``, under the group's lock (so that a
+        registration or another update never loses this one), whole and durably."""
         with self._locked(group) as directory:
             path = directory / f"v{version}.json"
             if not path.is_file():
@@ -99,7 +109,7 @@ class LocalRegistry:
                 raise BackendError(f"model {group} version {version} cannot be updated: its "
                                    f"record {path} is unreadable ({e}); move it aside or "
                                    f"delete it") from e
-            record = dataclasses.replace(current, status=status, reason=reason)
+            record = dataclasses.replace(current, **changes)
             self._write(directory, record)
         return record
 
@@ -161,4 +171,6 @@ class LocalRegistry:
         version = ModelVersion(**{**data, "created": dt.datetime.fromisoformat(data["created"])})
         if not isinstance(version.metrics, dict) or not isinstance(version.lineage, dict):
             raise TypeError("metrics and lineage must be JSON objects")
+        if not isinstance(version.deployment, str | None):
+            raise TypeError("deployment must be a string or null")
         return version

@@ -14,7 +14,8 @@ nightly run stays within its disk for months.
 - **Endpoints**: the directory of an endpoint whose server is gone (a crash, a reboot, a kill)
   and that the user did not keep, once nothing has touched it for ``DEAD_ENDPOINT_GRACE`` (time
   to read its server.log). Live endpoints and kept ones are never touched here (the reaper and
-  ``endpoints delete`` are the ways to remove those).
+  ``endpoints delete`` are the ways to remove those). Nor are a serving endpoint's fleets,
+  whatever their state (``serving delete`` removes them), nor its directory under ``serving/``.
 - **Logs**: a training log rotates at ``log_max_bytes`` and keeps ``log_backups`` older parts
   (``BoundedLog``); parts past that number, left by a larger setting, go.
 - **Temporaries**: what a kill left half-written: this backend's temporary directories
@@ -44,6 +45,7 @@ from backends.local.store import path_from_uri
 if TYPE_CHECKING:  # the training module imports this one (BoundedLog)
     from backends.local.endpoints import LocalEndpoints
     from backends.local.registry import LocalRegistry
+    from backends.local.serving import LocalServing
     from backends.local.store import LocalStore
     from backends.local.training import JobRecord, LocalTrainingJobs
 
@@ -218,12 +220,31 @@ def _job_of_artifact(store: LocalStore, uri: str | None) -> str | None:
 
 # -- endpoints --------------------------------------------------------------------------------
 
+def serving_fleets(serving: LocalServing | None) -> dict[str, str | None]:
+    """Every serving endpoint's fleets (→ the model URI its record names, None when unknown):
+    never pruned, even with a damaged record or a stopped server."""
+    fleets: dict[str, str | None] = {}
+    for name in serving.names() if serving is not None else []:
+        try:
+            record = serving.read_record(name)
+        except RECORD_ERRORS:
+            record = None  # its fleets are still found by their names and tags
+        uris = {ref.fleet: ref.model_uri for ref in (record.current, record.pending) if ref} \
+            if record else {}
+        for fleet in serving.fleets_of(name, record):
+            fleets[fleet] = uris.get(fleet)
+    return fleets
+
+
 def prune_dead_endpoints(endpoints: LocalEndpoints, report: RetentionReport,
-                         now: dt.datetime) -> dict[str, str]:
+                         now: dt.datetime,
+                         protected: dict[str, str | None] | None = None) -> dict[str, str]:
     """Removes the directories of endpoints whose server is gone, not kept, untouched for
-    ``DEAD_ENDPOINT_GRACE``. Returns the model URIs of the endpoints that stay (→ name)."""
+    ``DEAD_ENDPOINT_GRACE``, and not among ``protected`` (serving fleets → their model URI).
+    Returns the model URIs of the endpoints that stay (→ name)."""
     root = endpoints.records.root
-    staying: dict[str, str] = {}
+    protected = protected or {}
+    staying: dict[str, str] = {uri: name for name, uri in protected.items() if uri}
     for directory in sorted(root.iterdir()) if root.is_dir() else []:
         name = directory.name
         try:
@@ -231,7 +252,7 @@ def prune_dead_endpoints(endpoints: LocalEndpoints, report: RetentionReport,
         except ValueError:
             continue  # not an endpoint's directory
         info = _describe_endpoint(endpoints, name)
-        kept = info is not None and info.kept
+        kept = (info is not None and info.kept) or name in protected
         if kept or _server_alive(endpoints, name) \
                 or not _older_than(directory, now - DEAD_ENDPOINT_GRACE, deep=True):
             if info is not None and (model_uri := info.extra.get("model_uri")):
@@ -342,13 +363,14 @@ def prune_log_backups(jobs_root: Path, backups: int, report: RetentionReport) ->
 
 def apply_retention(policy: RetentionPolicy, jobs: LocalTrainingJobs,
                     endpoints: LocalEndpoints, registry: LocalRegistry, store: LocalStore,
-                    now: dt.datetime | None = None) -> RetentionReport:
+                    now: dt.datetime | None = None,
+                    serving: LocalServing | None = None) -> RetentionReport:
     """One retention pass over the local backend's state (see the module's docstring)."""
     now = now or dt.datetime.now(dt.UTC)
     report = RetentionReport()
     clear_stale_temporaries([jobs.jobs_root, store.root, endpoints.records.root,
                              registry.root], report, now)
-    staying = prune_dead_endpoints(endpoints, report, now)
+    staying = prune_dead_endpoints(endpoints, report, now, serving_fleets(serving))
     if damaged := [path for group in _groups(registry) for path in registry.unreadable(group)]:
         # An unreadable version may be an Approved one: which job it needs is unknown, so no
         # job goes until its record is mended or removed.

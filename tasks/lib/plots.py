@@ -1,5 +1,5 @@
 """Pictures for the run's artifacts: grids of CIFAR images with captions (JPEG bytes), and the
-sweep's accuracy plot (PNG bytes)."""
+sweep's accuracy plot and a promotion's course (PNG bytes)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,32 @@ def sweep_plot(points: list[tuple[float | str, float, str, bool]], x_label: str,
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def promotion_plot(seconds: list[float], new_share: list[float],
+                   error_rate: list[float | None], p99_latency_ms: list[float | None],
+                   max_error_rate: float, max_p99_latency_ms: float, title: str) -> bytes:
+    """A promotion over time (seconds since it began): the new fleet's share of traffic, and
+    what the alarms saw, each against its threshold (dashed). Unmeasured points are gaps."""
+    fig = _figure(figsize=(6, 4.2), dpi=80)
+    share_ax, error_ax, latency_ax = fig.subplots(3, 1, sharex=True)
+    share_ax.step(seconds, [100 * s for s in new_share], where="post", marker="o")
+    share_ax.set_ylabel("new fleet %")
+    share_ax.set_ylim(-5, 105)
+    for ax, values, limit, label in ((error_ax, error_rate, max_error_rate, "5xx rate"),
+                                     (latency_ax, p99_latency_ms, max_p99_latency_ms,
+                                      "p99 ms")):
+        ax.plot(seconds, [float("nan") if v is None else v for v in values], marker="o")
+        ax.axhline(limit, color="crimson", linestyle="--", linewidth=1)
+        ax.set_ylabel(label)
+    latency_ax.set_xlabel("seconds since the promotion began")
+    for ax in (share_ax, error_ax, latency_ax):
+        ax.grid(alpha=0.3)
+    share_ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -3,11 +3,12 @@ CLI's text, its ``--json`` and the summary artifact in the Prefect UI are all re
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from pydantic import BaseModel
 
-from backends.base import TrainingResult, TrainingSpec
+from backends.base import CREATED, PROMOTED, ROLLED_BACK, TrainingResult, TrainingSpec
 from tasks.lib.download import Dataset
 
 # Approximate on-demand prices (USD per instance-hour, us-east-1, Linux), for an order of
@@ -83,6 +84,73 @@ class RegistrySummary(BaseModel):
         return f"{self.group} v{self.version}: {self.status} ({self.reason}){again}"
 
 
+# How a promotion ended besides backends.base's outcomes (created, promoted, rolled_back,
+# failed): the stage decided not to promote, and did nothing.
+NOT_PROMOTED = "not_promoted"
+PROMOTION_OK = (CREATED, PROMOTED, NOT_PROMOTED)
+
+
+class PromotionStepRow(BaseModel):
+    """One step of a promotion (``backends.base.PromotionStep``), for the table and --json."""
+
+    at: dt.datetime
+    action: str
+    new_share: float  # 0.0-1.0
+    error_rate: float | None = None
+    p99_latency_ms: float | None = None
+    invocations: int | None = None
+    note: str = ""
+
+
+class PromotionSummary(BaseModel):
+    """What the promote stage did: the version it promoted (or not, and why), how it ended,
+    and which version serves on the endpoint afterwards."""
+
+    endpoint: str
+    group: str
+    version: int | None  # the version promoted (asked for); None: none was chosen
+    outcome: str  # created | promoted | rolled_back | failed | not_promoted
+    reason: str
+    shift: str  # "canary 10%", "linear 20% steps", "all at once"
+    status: str | None = None  # the endpoint's status afterwards
+    serving_version: int | None = None  # the version serving afterwards
+    serving_before: int | None = None
+    steps: list[PromotionStepRow] = []
+
+    @property
+    def ok(self) -> bool:
+        """False when the promotion was tried and the new version does not serve."""
+        return self.outcome in PROMOTION_OK
+
+    def line(self) -> str:
+        """The promotion in one line, for the CLI, the summary and the run's failure."""
+        serving = (f"; v{self.serving_version} serves" if self.serving_version is not None
+                   else "; nothing of this group serves")
+        if self.outcome == NOT_PROMOTED:
+            return f"not promoted: {self.reason}"
+        if self.outcome in (CREATED, PROMOTED):
+            before = f", replacing v{self.serving_before}" if self.serving_before else ""
+            return (f"{self.group} v{self.version} {self.outcome} on {self.endpoint} "
+                    f"({self.shift}{before})")
+        what = "ROLLED BACK" if self.outcome == ROLLED_BACK else "FAILED"
+        status = f"; the endpoint is {self.status}" if self.status else ""
+        return (f"promotion of {self.group} v{self.version} to {self.endpoint} {what} "
+                f"({self.shift}): {self.reason}{serving}{status}")
+
+    def text(self) -> str:
+        """The CLI's closing lines for `serving promote` / `serving rollback`."""
+        lines = ["", self.line()]
+        lines += [f"  {s.at:%H:%M:%S}  {s.action:<22} new {s.new_share:>4.0%}  "
+                  f"errors {_maybe(s.error_rate, '.3f')}  p99 "
+                  f"{_maybe(s.p99_latency_ms, '.0f')} ms  {s.note}".rstrip()
+                  for s in self.steps]
+        return "\n".join(lines)
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 class EndpointSummary(BaseModel):
     name: str
     url: str | None  # where a local endpoint listens
@@ -107,6 +175,7 @@ class RunSummary(BaseModel):
     endpoint: EndpointSummary
     cost: CostEstimate
     registry: RegistrySummary | None = None
+    promotion: PromotionSummary | None = None  # None: serving is off (config.serving)
 
     def text(self) -> str:
         """The CLI's closing lines."""
@@ -126,6 +195,7 @@ class RunSummary(BaseModel):
             *([f"  training        cached from job {self.training.cached_from}"]
               if self.training.cached_from else []),
             *([f"  registry        {self.registry.line()}"] if self.registry else []),
+            *([f"  serving         {self.promotion.line()}"] if self.promotion else []),
             f"  billable        {self.training.billable_seconds} training seconds, "
             f"estimated ${self.cost.usd:.4f}",
             "  stages          " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items()),
@@ -161,10 +231,18 @@ class RunSummary(BaseModel):
             again = REUSED_NOTE if registry.reused else ""
             rows.append(("model registry", f"`{registry.group}` v{registry.version}: "
                                            f"**{registry.status}** ({registry.reason}){again}"))
+        if self.promotion:
+            rows.append(("serving endpoint", promotion_markdown(self.promotion)))
         table = "\n".join(f"| {label} | {value} |" for label, value in rows)
         stages = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in self.stages.items())
         return (f"## CIFAR-10 pipeline run on `{self.backend}`\n\n| what | value |\n|---|---|\n"
                 f"{table}\n\n| stage | seconds |\n|---|---|\n{stages}\n")
+
+
+def promotion_markdown(promotion: PromotionSummary) -> str:
+    """The promotion in a table cell: a rollback or a failure in bold, so nobody misses it."""
+    line = promotion.line()
+    return line if promotion.ok else f"**{line}**"
 
 
 def estimate_cost(backend: str, trainings: list[TrainingSummary],
@@ -228,6 +306,7 @@ class SweepSummary(BaseModel):
     endpoint: EndpointSummary
     cost: CostEstimate
     quota_note: str | None = None  # the AWS account's quota, not max_parallel, was the limit
+    promotion: PromotionSummary | None = None  # None: serving is off (config.serving)
 
     @property
     def winner(self) -> SweepPoint:
@@ -270,6 +349,8 @@ class SweepSummary(BaseModel):
         ]
         if self.quota_note:
             lines.append(f"  quota           {self.quota_note}")
+        if self.promotion:
+            lines.append(f"  serving         {self.promotion.line()}")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -282,7 +363,9 @@ class SweepSummary(BaseModel):
                 f"{self.smoke_test.images} images; endpoint `{self.endpoint.name}` "
                 f"{'kept' if self.endpoint.kept else 'deleted'}.\n\n"
                 f"Estimated cost ${self.cost.usd:.4f} ({self.cost.note}).\n"
-                + (f"\n**Quota.** {self.quota_note}\n" if self.quota_note else ""))
+                + (f"\n**Quota.** {self.quota_note}\n" if self.quota_note else "")
+                + (f"\nServing endpoint: {promotion_markdown(self.promotion)}\n"
+                   if self.promotion else ""))
 
 
 def quota_note(points: list[SweepPoint], instance_type: str) -> str | None:

@@ -340,9 +340,13 @@ def _attribute(node: ast.Attribute, path: str, tree: ast.Module,
         keywords, splat = _call_keywords(node, parents)
         operation = operations(service)[node.attr]
         members = input_members(service, operation)
+        # A splatted request may hold Tags: SageMaker's requests built by the SDK do. Other
+        # services' requests are the code's own, and tag only by an explicit keyword (the
+        # serving tests check at run time that none carries Tags).
+        splatted = members if splat and service == "sagemaker" else set()
         result.calls.append(NamedCall(
             service, operation, where, "call" if called else "reference",
-            tagged=bool(TAG_MEMBERS & (keywords | (members if splat else set()))),
+            tagged=bool(TAG_MEMBERS & (keywords | splatted)),
             passes_role=bool(ROLE_MEMBERS & (keywords | (members if splat else set())))))
     elif service == "s3" and node.attr in S3_TRANSFERS:
         result.calls += [NamedCall("s3", op, where, "transfer") for op in S3_TRANSFERS[node.attr]]
@@ -439,6 +443,8 @@ class Request:
 # The resources each action is asked for when the pipeline runs, as IAM evaluates them
 # ("*" for actions with no resource-level permission). {name} is a pipeline resource name.
 # An action the code needs that is missing here fails the check: add what it acts on.
+SERVING_ALARMS = ["cloudwatch:{region}:{account}:alarm:{name}-5xx",
+                  "cloudwatch:{region}:{account}:alarm:{name}-p99-latency"]
 RESOURCES = {
     "sagemaker:CreateTrainingJob": ["training-job/{name}"],
     "sagemaker:DescribeTrainingJob": ["training-job/{name}"],
@@ -476,10 +482,50 @@ RESOURCES = {
     "logs:DescribeLogStreams": ["logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:*"],
     "logs:GetLogEvents": ["logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:"
                           "log-stream:{name}/algo-1-1700000000"],
-    "cloudwatch:PutMetricAlarm": ["cloudwatch:{region}:{account}:alarm:{name}-5xx"],
-    "cloudwatch:DescribeAlarms": ["cloudwatch:{region}:{account}:alarm:{name}-5xx"],
-    "cloudwatch:DeleteAlarms": ["cloudwatch:{region}:{account}:alarm:{name}-5xx"],
+    # The serving endpoint's rollback alarms (backends/aws/serving.py names them).
+    "cloudwatch:PutMetricAlarm": SERVING_ALARMS,
+    "cloudwatch:DescribeAlarms": SERVING_ALARMS,
+    "cloudwatch:DeleteAlarms": SERVING_ALARMS,
+    # Application Auto Scaling names a scalable target's ARN by a random id, not by the
+    # endpoint: a grant cannot name the pipeline's targets in advance.
+    "application-autoscaling:RegisterScalableTarget": ["*"],
+    "application-autoscaling:DeregisterScalableTarget": ["*"],
+    "application-autoscaling:DescribeScalableTargets": ["*"],
+    "application-autoscaling:PutScalingPolicy": ["*"],
+    "application-autoscaling:DescribeScalingPolicies": ["*"],
 }
+
+# What AWS authorises on the caller's behalf when it makes an operation, besides the
+# operation's own action (Application Auto Scaling validates the caller's permissions on the
+# target resource and on the CloudWatch alarms a target-tracking policy manages, and creates
+# its service-linked role on first use): (action, resource, context).
+TARGET_TRACKING_ALARMS = ["cloudwatch:{region}:{account}:alarm:TargetTracking-endpoint/{name}/"
+                          "variant/AllTraffic-AlarmHigh-0123abcd",
+                          "cloudwatch:{region}:{account}:alarm:TargetTracking-endpoint/{name}/"
+                          "variant/AllTraffic-AlarmLow-0123abcd"]
+SCALING_SERVICE = "sagemaker.application-autoscaling.amazonaws.com"
+SCALING_ROLE = (f"iam::{{account}}:role/aws-service-role/{SCALING_SERVICE}/"
+                f"AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint")
+IMPLIED: dict[tuple[str, str], list[tuple[str, str, tuple[tuple[str, str], ...]]]] = {
+    ("application-autoscaling", "RegisterScalableTarget"): [
+        ("iam:CreateServiceLinkedRole", SCALING_ROLE, (("iam:AWSServiceName", SCALING_SERVICE),)),
+        ("sagemaker:DescribeEndpoint", "endpoint/{name}", ()),
+        ("sagemaker:DescribeEndpointConfig", "endpoint-config/{name}", ()),
+        ("sagemaker:UpdateEndpointWeightsAndCapacities", "endpoint/{name}", ()),
+    ],
+    ("application-autoscaling", "PutScalingPolicy"): [
+        (action, alarm, ()) for action in ("cloudwatch:PutMetricAlarm",
+                                           "cloudwatch:DescribeAlarms",
+                                           "cloudwatch:DeleteAlarms")
+        for alarm in TARGET_TRACKING_ALARMS],
+    # Deregistering deletes the target's policies, and with them their alarms.
+    ("application-autoscaling", "DeregisterScalableTarget"): [
+        ("cloudwatch:DeleteAlarms", alarm, ()) for alarm in TARGET_TRACKING_ALARMS],
+}
+# Tagging as part of a create: SageMaker authorises it as sagemaker:AddTags with the creating
+# operation as sagemaker:TaggingAction; the others as their TagResource.
+TAGGING_ACTION = {"sagemaker": "sagemaker:AddTags", "cloudwatch": "cloudwatch:TagResource",
+                  "application-autoscaling": "application-autoscaling:TagResource"}
 
 
 def _arn(template: str, v: Values, name: str) -> str:
@@ -487,7 +533,7 @@ def _arn(template: str, v: Values, name: str) -> str:
         return "*"
     filled = template.format(name=name, group=v.group, bucket=v.bucket, prefix=v.prefix,
                              region=v.region, account=v.account)
-    if filled.startswith("s3:::") or filled.startswith(("logs:", "cloudwatch:")):
+    if filled.startswith("s3:::") or filled.startswith(("logs:", "cloudwatch:", "iam::")):
         return f"arn:{v.partition}:{filled}"
     return f"arn:{v.partition}:sagemaker:{v.region}:{v.account}:{filled}"
 
@@ -505,9 +551,12 @@ def requests_for(call: NamedCall, v: Values) -> list[Request]:
         context = (("s3:prefix", f"{v.prefix}/data/"),) if action == "s3:ListBucket" else ()
         found += [Request(action, _arn(t, v, name), context) for t in RESOURCES[action]]
     if call.tagged:
-        found += [Request("sagemaker:AddTags", r.resource,
-                          (("sagemaker:TaggingAction", call.operation),))
+        context = ((("sagemaker:TaggingAction", call.operation),)
+                   if call.service == "sagemaker" else ())
+        found += [Request(TAGGING_ACTION[call.service], r.resource, context)
                   for r in found[:1]]
+    found += [Request(implied, _arn(template, v, name), context)
+              for implied, template, context in IMPLIED.get((call.service, call.operation), [])]
     if call.passes_role:
         found.append(Request("iam:PassRole", f"arn:{v.partition}:iam::{v.account}:role/"
                              f"{v.role_name}", (("iam:PassedToService",
