@@ -592,10 +592,15 @@ def test_the_killed_unsupervised_aws_run_is_marked_crashed(server, killed_aws_ru
         backend="aws (moto)")
 
 
-def test_installing_crash_detection_again_updates_it_in_place(server, served):
+def test_installing_crash_detection_again_updates_it_in_place(server, served, killed_local_run,
+                                                              killed_aws_run):
     """`make deploy` after `make serve` (or serve restarted) leaves one automation, with the
-    newest window."""
+    newest window. Only once the killed runs are marked Crashed under the window they were
+    killed under: a new window would change what marks them, whatever order tests run in."""
     from deployments.automations import CRASH_DETECTION
+
+    for killed in (killed_local_run, killed_aws_run):
+        assert_marked_crashed(server, killed)
 
     result = subprocess.run(
         [sys.executable, "-m", "deployments.automations", "--crash-after", "75"],

@@ -14,19 +14,15 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore import UNSIGNED
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from backends.base import (
     CANARY,
@@ -38,8 +34,10 @@ from backends.base import (
     PROMOTED,
     ROLLED_BACK,
     SERVING_KEY,
+    PromotionResult,
     RollbackAlarms,
     ServingSpec,
+    ServingStatus,
     TrafficShift,
     managed_tags,
 )
@@ -47,48 +45,12 @@ from backends.local import LocalBackend, processes
 from backends.local.retention import RetentionPolicy, apply_retention
 from backends.local.serving import ROUTING_FILE, VERSION_HEADER
 from backends.polling import poll
+from tests.support.serving_load import Answer, Load, invoke, make_model, runtime_client
 
 pytestmark = pytest.mark.long_running
 
 NAME = "cifar10-serving-test"
 REPO = Path(__file__).resolve().parents[1]
-
-# A model that answers who it is; FAIL_EVERY n: all but one in n invocations raise (a 500);
-# SLEEP: seconds each invocation takes.
-HANDLERS = """
-import itertools, json, time
-
-ANSWER = json.dumps({{"model": "{label}"}}).encode()
-FAIL_EVERY, SLEEP = {fail_every}, {sleep}
-calls = itertools.count()
-
-def model_fn(model_dir):
-    return None
-
-def input_fn(body, content_type):
-    return body
-
-def predict_fn(data, model):
-    if FAIL_EVERY and next(calls) % FAIL_EVERY:
-        raise RuntimeError("this model is broken")
-    time.sleep(SLEEP)
-    return None
-
-def output_fn(prediction, accept):
-    return ANSWER, "application/json"
-"""
-
-
-def make_model(directory: Path, label: str, fail_every: int = 0, sleep: float = 0.0) -> str:
-    code = directory / label / "code"
-    code.mkdir(parents=True)
-    (code / "inference.py").write_text(HANDLERS.format(label=label, fail_every=fail_every,
-                                                       sleep=sleep))
-    archive = directory / label / "model.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(code, arcname="code")
-    return archive.as_uri()
-
 
 def spec(version: int, model_uri: str, name: str = NAME, strategy: str = CANARY,
          percent: int = 10, wait: int = 3, baking: int = 1, max_seconds: int = 120,
@@ -99,69 +61,6 @@ def spec(version: int, model_uri: str, name: str = NAME, strategy: str = CANARY,
                            baking_seconds=baking, max_seconds=max_seconds),
         alarms=alarms or RollbackAlarms(max_error_rate=0.05, max_p99_latency_ms=2000),
         tags={**managed_tags("pytest", kept=True), SERVING_KEY: "true"})
-
-
-def runtime_client(url: str):
-    """boto3's own client, unsigned like LocalEndpoints.runtime_client, without retries: every
-    failed invocation is seen."""
-    return boto3.session.Session().client(
-        "sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
-        config=Config(signature_version=UNSIGNED, retries={"total_max_attempts": 1},
-                      read_timeout=30))
-
-
-@dataclass(frozen=True)
-class Answer:
-    started: float  # time.time()
-    ended: float
-    version: str | None  # the x-cifar10-model-version header
-    ok: bool
-    code: str | None = None  # the error code of a failed one
-    body: dict | None = None
-    content_type: str | None = None
-    original_status: int | None = None
-
-
-def invoke(client, name: str = NAME) -> Answer:
-    """One InvokeEndpoint, as it ended: answered, refused (the error boto3 raised), or lost."""
-    started = time.time()
-    try:
-        response = client.invoke_endpoint(EndpointName=name, Body=b"[0]",
-                                          ContentType="application/json")
-        body = json.loads(response["Body"].read())
-        headers = response["ResponseMetadata"]["HTTPHeaders"]
-        return Answer(started, time.time(), headers.get(VERSION_HEADER), True, body=body,
-                      content_type=response["ContentType"])
-    except ClientError as e:
-        headers = e.response["ResponseMetadata"].get("HTTPHeaders", {})
-        return Answer(started, time.time(), headers.get(VERSION_HEADER), False,
-                      e.response["Error"]["Code"],
-                      original_status=e.response.get("OriginalStatusCode"))
-    except BotoCoreError as e:  # no answer at all: a lost request
-        return Answer(started, time.time(), None, False, type(e).__name__)
-
-
-class Load:
-    """Four clients invoking the serving endpoint back to back until the block ends."""
-
-    def __init__(self, url: str, name: str = NAME, clients: int = 4) -> None:
-        self.name, self.answers, self.stop = name, [], threading.Event()
-        self.clients = [runtime_client(url) for _ in range(clients)]
-        self.threads = [threading.Thread(target=self.run, args=(c,)) for c in self.clients]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
-
-    def run(self, client) -> None:
-        while not self.stop.is_set():
-            self.answers.append(invoke(client, self.name))
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +77,27 @@ def models(tmp_path_factory) -> dict[str, str]:
             "slow": make_model(directory, "slow", sleep=0.5)}
 
 
+@dataclass(frozen=True)
+class Created:
+    """The first promotion, as it was right after it (later tests promote again)."""
+
+    result: PromotionResult
+    lines: list[str]
+    status: ServingStatus
+    fleet: str
+    fleet_tags: dict[str, str]
+    answer: Answer
+
+
 @pytest.fixture(scope="module")
-def serving(backend, models):
+def serving(backend, models) -> Iterator[Created]:
     """The serving endpoint NAME, created with version 1 for this module's tests."""
     lines: list[str] = []
     result = backend.serving.promote(spec(1, models["good-1"]), on_log=lines.append)
-    yield result, lines
+    status = backend.serving.describe(NAME)
+    fleet, _ = current_fleet(backend)
+    yield Created(result, lines, status, fleet, backend.endpoints.describe(fleet).tags,
+                  invoke(runtime_client(status.url), NAME))
     backend.serving.delete(NAME)
 
 
@@ -198,28 +112,26 @@ def current_fleet(backend) -> tuple[str, int]:
     return fleet, info["pid"]
 
 
-def test_first_promotion_creates_the_endpoint_with_kept_fleets(backend, serving):
-    result, lines = serving
+def test_first_promotion_creates_the_endpoint_with_kept_fleets(serving):
+    result, status = serving.result, serving.status
     assert (result.outcome, result.status, result.serving_version) == (CREATED, IN_SERVICE, 1)
-    status = backend.serving.describe(NAME)
     assert (status.status, status.version, status.group) == (IN_SERVICE, 1, "cifar10-test")
     assert status.url.startswith("http://127.0.0.1:")
     assert status.last_deployment.startswith("created with v1")
-    fleet, _ = current_fleet(backend)
-    assert re.fullmatch(rf"{NAME}-v1-[0-9a-f]{{4}}", fleet)
-    tags = backend.endpoints.describe(fleet).tags
+    assert re.fullmatch(rf"{NAME}-v1-[0-9a-f]{{4}}", serving.fleet)
+    tags = serving.fleet_tags
     assert tags[KEPT_KEY] == tags[SERVING_KEY] == "true"  # neither reaped nor pruned
-    answer = invoke(runtime_client(status.url))
+    answer = serving.answer
     assert (answer.ok, answer.version, answer.body, answer.content_type) == (
         True, "1", {"model": "good-1"}, "application/json")
-    assert any("InService" in line for line in lines)
+    assert any("InService" in line for line in serving.lines)
 
 
 def test_canary_promotion_of_a_good_model_loses_nothing(backend, serving, models):
     before = backend.serving.describe(NAME)
     old_fleet, old_pid = current_fleet(backend)
     old = str(before.version)
-    with Load(before.url) as load:
+    with Load(before.url, NAME) as load:
         result = backend.serving.promote(spec(2, models["good-2"], percent=10, wait=4))
         returned = time.time()
         time.sleep(0.5)
@@ -247,7 +159,7 @@ def test_canary_promotion_of_a_good_model_loses_nothing(backend, serving, models
 
 def test_a_failing_model_is_rolled_back_within_its_canary_interval(backend, serving, models):
     before = backend.serving.describe(NAME)
-    with Load(before.url) as load:
+    with Load(before.url, NAME) as load:
         result = backend.serving.promote(spec(3, models["failing"], percent=20, wait=3))
         time.sleep(1.0)
     assert result.outcome == ROLLED_BACK, result.reason
@@ -272,7 +184,7 @@ def test_a_failing_model_is_rolled_back_within_its_canary_interval(backend, serv
 
 def test_a_slow_model_is_rolled_back_on_latency(backend, serving, models):
     before = backend.serving.describe(NAME)
-    with Load(before.url) as load:
+    with Load(before.url, NAME) as load:
         result = backend.serving.promote(spec(
             4, models["slow"], strategy=LINEAR, percent=20, wait=3,
             alarms=RollbackAlarms(max_error_rate=0.05, max_p99_latency_ms=300)))

@@ -47,11 +47,12 @@ from flows.config import PipelineConfig
 from tasks.lib.promotion import PromotionRefused, rollback_target
 from tasks.lib.promotion_gate import GatePolicy
 from tasks.lib.summary import NOT_PROMOTED, SmokeTestResult
-from tasks.promotion import promote_model
+from tasks.promotion import PromotionNotCompleted, promote_model
 from tasks.registry import register_model
 from tests.support.aws_fakes import BUCKET, ROLE_ARN
 from tests.support.configs import candidate, local_config, sweep_config
 from tests.support.pipeline import artifacts_of
+from tests.support.serving_load import Load, make_model
 
 pytest_plugins = ["tests.support.aws_fixtures"]
 
@@ -592,12 +593,21 @@ def test_the_reaper_never_touches_the_serving_endpoint():
 # -- end to end, on the real local serving endpoint ----------------------------------------------
 
 
-def invoke_serving(url: str) -> bytes:
-    """One image through the serving endpoint's stable URL, as any SageMaker client sends it."""
+def npy_zeros() -> bytes:
+    """One blank image as an application/x-npy body."""
     import io
 
-    import boto3
     import numpy as np
+
+    body = io.BytesIO()
+    np.save(body, np.zeros((1, 3, 32, 32), dtype=np.float32))
+    return body.getvalue()
+
+
+def invoke_serving(url: str) -> bytes:
+    """One image through the serving endpoint's stable URL, as any SageMaker client sends it."""
+
+    import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
 
@@ -605,24 +615,28 @@ def invoke_serving(url: str) -> bytes:
 
     runtime = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
                            config=Config(signature_version=UNSIGNED))
-    body = io.BytesIO()
-    np.save(body, np.zeros((1, 3, 32, 32), dtype=np.float32))
-    return invoke_through(runtime, ENDPOINT, body.getvalue(), "application/x-npy",
+    return invoke_through(runtime, ENDPOINT, npy_zeros(), "application/x-npy",
                           "application/json").body
 
 
 @pytest.mark.long_running
-def test_promotions_on_the_local_serving_endpoint(prefect_harness, pipeline_home, model_uri):
+def test_promotions_on_the_local_serving_endpoint(prefect_harness, pipeline_home, model_uri,
+                                                  tmp_path):
     """The cifar10-promote flow against the real local serving endpoint (router and fleets):
     the first promotion creates it, the next moves traffic to v2 as a canary; the URL stays,
-    and the registry follows."""
+    and the registry follows. A third version that fails most invocations, promoted under
+    load, is rolled back: the registry marks it so, the run fails, and v2 still answers."""
     from flows.promote import cifar10_promote
 
     backend = LocalBackend()
-    for job in ("job-1", "job-2"):
+
+    def register(job: str, uri: str) -> None:
         backend.registry.register(ModelVersionSpec(
-            group=GROUP, model_uri=model_uri, training_job=job, cache_key=job,
+            group=GROUP, model_uri=uri, training_job=job, cache_key=job,
             metrics={"test_accuracy": 0.6}, lineage={}), lambda before: (APPROVED, "test"))
+
+    register("job-1", model_uri)
+    register("job-2", model_uri)
     config = PipelineConfig.model_validate({"serving": {
         "strategy": "canary", "percent": 50, "wait_seconds": 1, "baking_seconds": 1,
         "max_seconds": 600}})
@@ -642,6 +656,18 @@ def test_promotions_on_the_local_serving_endpoint(prefect_harness, pipeline_home
         assert notes(backend) == {1: "replaced by v2", 2: f"serving on {ENDPOINT}"}
         shown = json.loads(runner.invoke(app, ["serving", "status", "--json"]).stdout)
         assert (shown["version"], shown["url"]) == (2, created.url)
+
+        register("job-3", make_model(tmp_path, "failing", fail_every=10))
+        with Load(now.url, ENDPOINT, body=npy_zeros(), content_type="application/x-npy"
+                  ) as load, pytest.raises(PromotionNotCompleted) as raised:
+            cifar10_promote(config=config)  # the champion now: v3
+        assert raised.value.summary.outcome == ROLLED_BACK
+        assert notes(backend)[3].startswith("rolled back: 5xx rate ")
+        assert notes(backend)[2] == f"serving on {ENDPOINT}"
+        rolled_back = backend.serving.describe(ENDPOINT)
+        assert (rolled_back.status, rolled_back.version) == ("InService", 2)
+        assert {a.version for a in load.answers if not a.ok} == {"3"}
+        assert len(json.loads(invoke_serving(now.url))[0]) == 10  # v2 answers
     finally:
         backend.serving.delete(ENDPOINT)
     assert backend.serving.describe(ENDPOINT) is None
