@@ -89,24 +89,9 @@ class AwsEndpoints:
         tags = [{"Key": k, "Value": v} for k, v in tag_map.items()]
         owner = spec.tags.get(OWNER_KEY, "")
         try:
-            self._create("model", spec.name, owner, self.sm.create_model,
-                         ModelName=spec.name, ExecutionRoleArn=role, Tags=tags,
-                         PrimaryContainer={"Image": image, "ModelDataUrl": spec.model_uri,
-                                           # The PyTorch inference toolkit imports the handlers
-                                           # from code/inference.py of model.tar.gz by default.
-                                           "Environment": {
-                                               "SAGEMAKER_REGION": self.aws.region,
-                                               "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                                               **spec.environment,
-                                           }})
-            self._create("endpoint config", spec.name, owner, self.sm.create_endpoint_config,
-                         EndpointConfigName=spec.name, Tags=tags,
-                         ProductionVariants=[{
-                             "VariantName": VARIANT, "ModelName": spec.name,
-                             "InstanceType": spec.instance_type,
-                             "InitialInstanceCount": spec.instance_count,
-                             "InitialVariantWeight": 1.0,
-                         }])
+            self.create_model_and_config(spec.name, spec.model_uri, spec.instance_type,
+                                         spec.instance_count, role, tags, owner,
+                                         spec.environment)
             self._create("endpoint", spec.name, owner, self.sm.create_endpoint,
                          EndpointName=spec.name, EndpointConfigName=spec.name, Tags=tags)
             emit(f"endpoint {spec.name}: creating ({spec.instance_count} x "
@@ -122,6 +107,31 @@ class AwsEndpoints:
             instance_type=spec.instance_type, url=None,
             extra={"arn": described["EndpointArn"], "endpoint_config": spec.name,
                    "models": [spec.name]})
+
+    def create_model_and_config(self, name: str, model_uri: str, instance_type: str,
+                                instance_count: int, role: str, tags: list[dict[str, str]],
+                                owner: str, environment: dict[str, str] | None = None) -> None:
+        """CreateModel and CreateEndpointConfig (one variant, VARIANT), both named ``name``:
+        what a run's endpoint and each serving fleet are made of."""
+        image = self.image(instance_type)
+        self._create("model", name, owner, self.sm.create_model,
+                     ModelName=name, ExecutionRoleArn=role, Tags=tags,
+                     PrimaryContainer={"Image": image, "ModelDataUrl": model_uri,
+                                       # The PyTorch inference toolkit imports the handlers
+                                       # from code/inference.py of model.tar.gz by default.
+                                       "Environment": {
+                                           "SAGEMAKER_REGION": self.aws.region,
+                                           "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                                           **(environment or {}),
+                                       }})
+        self._create("endpoint config", name, owner, self.sm.create_endpoint_config,
+                     EndpointConfigName=name, Tags=tags,
+                     ProductionVariants=[{
+                         "VariantName": VARIANT, "ModelName": name,
+                         "InstanceType": instance_type,
+                         "InitialInstanceCount": instance_count,
+                         "InitialVariantWeight": 1.0,
+                     }])
 
     def _create(self, kind: str, name: str, owner: str, call: Any, **params: Any) -> None:
         """One Create call. botocore retries a call whose answer was lost (a timeout, a 5xx),

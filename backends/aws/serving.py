@@ -531,24 +531,9 @@ class AwsServing:
         tags = self._tags(spec, **{GROUP_KEY: spec.group, VERSION_KEY: str(spec.version),
                                    ENDPOINT_KEY: spec.name})
         owner = spec.tags.get(OWNER_KEY, "")
-        image = self.endpoints.image(spec.instance_type)
         try:
-            self.endpoints._create("model", fleet.name, owner, self.sm.create_model,
-                                   ModelName=fleet.name, ExecutionRoleArn=role, Tags=tags,
-                                   PrimaryContainer={
-                                       "Image": image, "ModelDataUrl": spec.model_uri,
-                                       # As hosting's deploy: the toolkit finds the handlers
-                                       # in code/inference.py by itself.
-                                       "Environment": {
-                                           "SAGEMAKER_REGION": self.aws.region,
-                                           "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"}})
-            self.endpoints._create("endpoint config", fleet.name, owner,
-                                   self.sm.create_endpoint_config, EndpointConfigName=fleet.name,
-                                   Tags=tags, ProductionVariants=[{
-                                       "VariantName": VARIANT, "ModelName": fleet.name,
-                                       "InstanceType": spec.instance_type,
-                                       "InitialInstanceCount": count,
-                                       "InitialVariantWeight": 1.0}])
+            self.endpoints.create_model_and_config(fleet.name, spec.model_uri,
+                                                   spec.instance_type, count, role, tags, owner)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the original error
                 self._remove_fleet(fleet)
