@@ -61,6 +61,7 @@ from backends.local.server import (
     RequestError,
     ServerLimits,
     drain_body,
+    json_http_error,
     read_body,
     route_output_to_log,
     setup_logging,
@@ -325,17 +326,12 @@ class Router:
 
 
 def create_app(router: Router) -> Starlette:
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        return JSONResponse({"code": status, "message": getattr(exc, "detail", str(exc))},
-                            status_code=status)
-
     return Starlette(routes=[
         Route("/ping", router.ping, methods=["GET"]),
         Route("/invocations", router.invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", router.runtime_invocations, methods=["POST"]),
         Route("/_router/stats", router.stats, methods=["GET"]),
-    ], exception_handlers={HTTPException: http_error}, lifespan=router.lifespan)
+    ], exception_handlers={HTTPException: json_http_error}, lifespan=router.lifespan)
 
 
 def bind(host: str, port: int) -> socket.socket:

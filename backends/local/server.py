@@ -324,22 +324,22 @@ class ModelRoutes:
         })
 
 
+async def json_http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in JSON too, like every other error here."""
+    status = getattr(exc, "status_code", 500)
+    return JSONResponse({"code": status, "message": getattr(exc, "detail", str(exc))},
+                        status_code=status)
+
+
 def create_app(handlers: ModuleType, model: Any, endpoint_name: str,
                limits: ServerLimits | None = None) -> Starlette:
     """The ASGI app serving one loaded model."""
     routes = ModelRoutes(handlers, model, endpoint_name, limits or ServerLimits())
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        """Unknown paths and methods answer in JSON too, like every other error here."""
-        status = getattr(exc, "status_code", 500)
-        return JSONResponse({"code": status, "message": getattr(exc, "detail", str(exc))},
-                            status_code=status)
-
     return Starlette(routes=[
         Route("/ping", routes.ping, methods=["GET"]),
         Route("/invocations", routes.invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", routes.runtime_invocations, methods=["POST"]),
-    ], exception_handlers={HTTPException: http_error})
+    ], exception_handlers={HTTPException: json_http_error})
 
 
 def _error_headers(e: RequestError) -> dict[str, str]:
