@@ -13,6 +13,7 @@ import flow_overhead
 import process_start
 import promotion
 import train_vs_seed
+import training_budget
 from common import machine, print_table
 
 HEADERS = ["benchmark", "measure", "value", "vs baseline"]
@@ -42,14 +43,15 @@ def write_results(path: Path, rows: list[list[str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="skip the airbench trainings (auto and fp32 precision: minutes "
-                             "each)")
+                        help="skip the stronger preset's trainings (3 seeds on each precision "
+                             "path: up to 10 minutes each on 2 cores)")
     parser.add_argument("--results", type=Path, metavar="MARKDOWN",
                         help="write the table into this file between its markers")
     args = parser.parse_args()
     rows = []
     for title, run in (
         ("train_vs_seed", lambda: train_vs_seed.main([] if args.quick else ["--strong"])),
+        ("training_budget", lambda: training_budget.main([])),
         ("endpoint_load", lambda: endpoint_load.main([])),
         ("flow_overhead", lambda: flow_overhead.main([])),
         ("process_start", lambda: process_start.main([])),

@@ -58,8 +58,8 @@ DataUrl = Annotated[str | None, typer.Option(
 DataMd5 = Annotated[str | None, typer.Option(
     "--data-md5", help="its md5 (required for mirrors; 'none' skips the check)")]
 Precision = Annotated[str, typer.Option(
-    "--precision", help="auto (bf16 only where the hardware computes it natively, else fp32), "
-                        "fp32 or bf16")]
+    "--precision", help="auto (bf16 only where the hardware computes it natively, else fp32; "
+                        "fp16 for airbench on a GPU), fp32, bf16 or fp16")]
 InstanceType = Annotated[str | None, typer.Option("--instance-type",
                                                   help="training instance (aws)")]
 InstanceCount = Annotated[int, typer.Option("--instance-count",
@@ -146,7 +146,8 @@ def run(
     backend: BackendOption = "local",
     data_url: DataUrl = None,
     data_md5: DataMd5 = None,
-    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (~86%)")] = "tutorial",
+    model: Annotated[str, typer.Option(help="tutorial (fast) or airbench (stronger; its "
+                                            "recipe follows the hardware)")] = "tutorial",
     epochs: Annotated[float | None, typer.Option(help="passes over the training set, "
                                                     "fractions allowed; default: the "
                                                     "model preset's")] = None,

@@ -51,7 +51,8 @@ class DataSettings(_Section):
 class TrainingSettings(_Section):
     model: Literal["tutorial", "airbench"] = Field(
         "tutorial", description="tutorial: the seed notebook's network (~56% in seconds on 2 "
-                                "CPUs); airbench: the stronger network (~86% in minutes)")
+                                "CPUs); airbench: the stronger network, its recipe chosen "
+                                "by hardware (airbench94 on a GPU, a narrower one on a CPU)")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training "
                                  "set, fractions allowed (1.5); unset: the preset's value")
     batch_size: int | None = Field(None, ge=1, le=8192,
@@ -60,9 +61,10 @@ class TrainingSettings(_Section):
     learning_rate: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, lt=1)
     seed: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast only where the hardware computes bf16 "
-                            "natively (AVX-512 BF16, AMX, a bf16 GPU), fp32 elsewhere")
+                            "natively (AVX-512 BF16, AMX, a bf16 GPU), fp32 elsewhere; "
+                            "airbench's GPU recipe takes fp16 on any GPU")
     instance_type: str = Field("ml.m5.xlarge", description="SageMaker training instance "
                                                            "(ignored by the local backend)")
     instance_count: int = Field(1, ge=1, le=16, description="hosts training data-parallel")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Batch augmentation on tensors: random translation by up to ``pad`` pixels and
-    horizontal flips, with reflected borders. No per-sample Python work."""
+def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation of each image by up to ``pad`` pixels either way, reflected
+    borders: one gather over the batch, no per-sample Python work."""
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(images.device)
@@ -20,9 +20,16 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    cropped = padded[batch, channels, rows, cols]
-    flip = torch.rand(n, generator=generator, device="cpu").to(images.device) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
+    return padded[batch, channels, rows, cols]
+
+
+def alternating_flip(images: torch.Tensor, flipped_first: torch.Tensor, epoch: int
+                     ) -> torch.Tensor:
+    """airbench's alternating flip: each image is mirrored in every other epoch, starting
+    from a random half (``flipped_first``, one bool per image of the batch) in epoch 1. Over
+    any two epochs every image is seen both ways, which random flips only promise on average."""
+    flip = flipped_first if epoch % 2 == 1 else ~flipped_first
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 # JPEG's standard quantisation tables (ITU T.81, Annex K), for quality 50.

@@ -11,7 +11,8 @@ import platform
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # what autocast computes in
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) under which bf16 is still computed natively.
 _NATIVE_BF16_ISA_MARKERS = ("BF16", "AMX", "AVX512_CORE_FP16", "AVX10", "ALL", "DEFAULT")
 

@@ -22,7 +22,7 @@ import torch
 
 from contract import IMAGE_SHAPE, JSON, META_FILE, NPY, WEIGHTS_FILE
 from hardware import choose_precision
-from networks import ARCHITECTURES, Classifier, build_model
+from networks import ARCHITECTURES, LEGACY_OPTIONS, Classifier, build_model
 
 SUPPORTED_TYPES = (NPY, JSON)
 # How many images one request may carry (read per request, so the container's environment
@@ -72,7 +72,8 @@ class TooManyImages(InferenceError):
 def model_fn(model_dir: str) -> Classifier:
     model_path = Path(model_dir)
     meta = json.loads((model_path / META_FILE).read_text())
-    model = build_model(meta["architecture"], meta["mean"], meta["std"])
+    options = meta.get("network", LEGACY_OPTIONS.get(meta["architecture"]))
+    model = build_model(meta["architecture"], meta["mean"], meta["std"], options)
     state = torch.load(model_path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.fold_normalisation()

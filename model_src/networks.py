@@ -50,40 +50,57 @@ class TutorialNet(nn.Module):
         return F.linear(x, self.fc3.weight, self.fc3.bias)
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+class BatchNorm(nn.BatchNorm2d):
+    """airbench's BatchNorm: a learned shift but no learned scale (the next layer's weights
+    scale anyway), a tiny epsilon, and running statistics that follow the last few batches
+    (``momentum`` here is airbench's: the weight kept, 1 - PyTorch's)."""
+
+    def __init__(self, channels: int, momentum: float, eps: float) -> None:
+        super().__init__(channels, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad_(False)
+
+
+def _conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """A 3x3 convolution that starts as (part) identity: airbench's dirac initialisation lets
+    the signal through the untrained network unchanged."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight.data[:min(c_in, c_out)])
+    return conv
+
+
+def _conv_block(c_in: int, c_out: int, momentum: float, eps: float) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.MaxPool2d(2),
-        nn.BatchNorm2d(c_out),
-        nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.GELU(),
+        _conv(c_in, c_out), nn.MaxPool2d(2), BatchNorm(c_out, momentum, eps), nn.GELU(),
+        _conv(c_out, c_out), BatchNorm(c_out, momentum, eps), nn.GELU(),
     )
 
 
 class AirbenchNet(nn.Module):
-    """A small VGG-style network after Keller Jordan's airbench: a patch stem, three
-    conv-pool-conv blocks, global max pooling and a linear head with scaled-down logits."""
+    """Keller Jordan's airbench94 network (arXiv:2404.00498): a frozen patch-whitening 2x2
+    stem, three conv-pool-conv blocks with BatchNorm and GELU, global max pooling and a
+    linear head whose logits are scaled by 1/9. ``widths`` are the blocks' channels:
+    airbench94's (64, 256, 256); airbench93 narrows them to (64, 128, 128)."""
 
     INPUT_CONV = "stem"
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
+    def __init__(self, widths: tuple[int, int, int] | list[int] = (64, 256, 256),
+                 batchnorm_momentum: float = 0.6, batchnorm_eps: float = 1e-12) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 24, kernel_size=2, padding=0)
+        nn.init.zeros_(self.stem.bias)
+        momentum, eps = batchnorm_momentum, batchnorm_eps
         self.blocks = nn.Sequential(
-            _conv_block(24, widths[0]), _conv_block(widths[0], widths[1]),
-            _conv_block(widths[1], widths[2]),
+            _conv_block(24, widths[0], momentum, eps),
+            _conv_block(widths[0], widths[1], momentum, eps),
+            _conv_block(widths[1], widths[2], momentum, eps),
         )
         self.head = nn.Linear(widths[2], len(CLASSES), bias=False)
 
-    def prepare(self, images: torch.Tensor, eps: float = 5e-2) -> None:
+    def prepare(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Patch-whitening stem (airbench): the 2x2 filters become the eigenvectors of the
-        training patches' covariance, scaled by 1/sqrt(eigenvalue), in +/- pairs, and stay
-        frozen. Gradient descent then starts on decorrelated inputs and converges faster.
-        ``eps`` damps the smallest-variance (high-frequency) directions: airbench's 5e-4
-        amplifies them enough to make the network fragile on JPEG-compressed images.
-        ``images`` are normalised training images."""
+        training patches' covariance, scaled by 1/sqrt(eigenvalue + eps), in +/- pairs, and
+        stay frozen. Gradient descent then starts on decorrelated inputs and converges
+        faster. ``images`` are normalised training images."""
         c, (h, w) = images.shape[1], self.stem.kernel_size
         patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3)
         patches = patches.reshape(-1, c * h * w).double()
@@ -106,10 +123,10 @@ class Classifier(nn.Module):
     """Raw pixels in [0, 1] → logits. Normalisation and test-time flip averaging live here so
     training, evaluation and serving cannot disagree about them."""
 
-    def __init__(self, body: nn.Module, mean: list[float], std: list[float], flip_tta: bool):
+    def __init__(self, body: nn.Module, mean: list[float], std: list[float], tta_level: int):
         super().__init__()
         self.body = body
-        self.flip_tta = flip_tta
+        self.tta_level = tta_level  # see test_time_views
         # Channels-last suits oneDNN and training; PyTorch's native convolutions (serving
         # small networks, see "onednn_inference") run NCHW about twice as fast.
         self.channels_last = True
@@ -126,10 +143,13 @@ class Classifier(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         input_conv = self.normalising_input_conv() if self.normalise else None
-        logits = self.body(x, input_conv)
-        if self.flip_tta and not self.training:
-            logits = (logits + self.body(x.flip(-1), input_conv)) / 2
-        return logits
+        if self.training or not self.tta_level:
+            return self.body(x, input_conv)
+        views, weights = test_time_views(x, self.tta_level)
+        # All views in one batch: one call per layer instead of six (BatchNorm is in its
+        # evaluation mode, so the views do not see each other).
+        logits = self.body(torch.cat(views), input_conv).view(len(views), len(x), -1)
+        return torch.einsum("v,vnc->nc", weights.to(logits.dtype).to(logits.device), logits)
 
     def normalising_input_conv(self) -> WeightAndBias:
         """The input convolution's weight and bias for raw pixels: conv(w, (x - m) / s) =
@@ -153,12 +173,27 @@ class Classifier(nn.Module):
         self.normalise = False
 
 
+def test_time_views(x: torch.Tensor, level: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """airbench's test-time augmentation: (views of the batch, the weight of each view's
+    logits). Level 1: the image and its mirror image, half each. Level 2: half of that, and
+    half the same pair shifted one pixel up-left and one pixel down-right (reflected borders).
+    Reflecting commutes with the per-channel normalisation, so raw pixels can be shifted."""
+    views = [x, x.flip(-1)]
+    if level == 1:
+        return views, torch.tensor([0.5, 0.5])
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+        views += [shifted, shifted.flip(-1)]
+    return views, torch.tensor([0.25, 0.25, 0.125, 0.125, 0.125, 0.125])
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A network and how it is served (its training recipe is in train.py)."""
 
     network: type[nn.Module]
-    flip_tta: bool  # average the logits of each image and its mirror image
+    tta_level: int  # 0: none, 1: mirror, 2: mirror and translate (see test_time_views)
     # Whether serving on CPU uses oneDNN (channels-last) or PyTorch's native kernels (NCHW).
     # The tutorial network's convolutions are so small that oneDNN's per-call set-up costs
     # more than their arithmetic: it serves faster on the native kernels.
@@ -166,13 +201,22 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "tutorial": Architecture(TutorialNet, flip_tta=False, onednn_inference=False),
-    "airbench": Architecture(AirbenchNet, flip_tta=True, onednn_inference=True),
+    "tutorial": Architecture(TutorialNet, tta_level=0, onednn_inference=False),
+    "airbench": Architecture(AirbenchNet, tta_level=2, onednn_inference=True),
 }
 
+# What an airbench model saved before its options were recorded in model_meta.json was
+# built with: narrower blocks, PyTorch's BatchNorm epsilon, mirror-only test-time averaging.
+LEGACY_OPTIONS = {"airbench": {"widths": [32, 64, 128], "batchnorm_eps": 1e-5, "tta_level": 1}}
 
-def build_model(architecture: str, mean: list[float], std: list[float]) -> Classifier:
+
+def build_model(architecture: str, mean: list[float], std: list[float],
+                options: dict | None = None) -> Classifier:
+    """The named network inside its Classifier. ``options``: the network's keyword arguments
+    (``widths``, ``batchnorm_eps``, ...) and ``tta_level``; unset ones take the defaults."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown model {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     spec = ARCHITECTURES[architecture]
-    return Classifier(spec.network(), mean, std, spec.flip_tta)
+    network_options = dict(options or {})
+    tta_level = network_options.pop("tta_level", spec.tta_level)
+    return Classifier(spec.network(**network_options), mean, std, tta_level)

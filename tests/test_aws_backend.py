@@ -15,6 +15,7 @@ from botocore.stub import ANY, Stubber
 
 from backends.aws import AwsBackend
 from backends.aws.errors import translate
+from backends.aws.images import pytorch_image
 from backends.aws.training import METRIC_DEFINITIONS
 from backends.base import (
     BackendError,
@@ -519,3 +520,12 @@ def test_stop_training_stops_only_a_running_job(aws):
         assert backend.jobs.stop(JOB) is False
         assert backend.jobs.stop("cifar10-never-was") is False
         stubber.assert_no_pending_responses()
+
+
+@pytest.mark.parametrize(("instance_type", "flavour"), [
+    ("ml.g5.xlarge", "gpu"), ("ml.g4dn.xlarge", "gpu"), ("ml.m5.large", "cpu")])
+def test_a_gpu_instance_trains_in_the_gpu_image(instance_type, flavour):
+    """The same entry script on a GPU training instance: SageMaker's GPU image (from the SDK's
+    own table), where the script sees CUDA and --model airbench picks the airbench94 recipe."""
+    image = pytorch_image("training", "us-east-1", "2.8", "py312", instance_type)
+    assert image.endswith(f"/pytorch-training:2.8-{flavour}-py312")

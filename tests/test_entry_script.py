@@ -3,7 +3,9 @@ environment and ``--key value`` hyperparameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -205,17 +207,119 @@ def test_precision_rule_on_reported_capabilities(monkeypatch):
 
 
 def test_stronger_preset_trains(tmp_path, cifar_dir):
-    _, metrics = train_and_read_metrics(
+    result, metrics = train_and_read_metrics(
         tmp_path, cifar_dir, ["--model", "airbench", "--epochs", "2", "--batch-size", "128"])
     assert metrics["model"] == "airbench" and len(metrics["history"]) == 2
+    # No GPU here: the preset picks its CPU recipe, and the plan line says which and why.
+    assert metrics["recipe"] == "airbench-cpu"
+    assert "recipe=airbench-cpu; (cpu: no GPU" in result.stdout
     handlers = import_handlers(tmp_path / "model" / "code")
     model = handlers.model_fn(str(tmp_path / "model"))
-    assert model.flip_tta
+    meta = json.loads((tmp_path / "model" / "model_meta.json").read_text())
+    assert meta["network"] == train.RECIPES["airbench"]["cpu"].network
+    assert model.tta_level == 2  # mirror and translate
     # Serving follows the training rule on this machine (this network runs on oneDNN).
     assert model.precision == ("bf16" if native_bf16_as_torch_reports() else "fp32")
     # The whitening stem is set from the data in +/- pairs and stays frozen during training.
     stem = model.body.stem.weight
     torch.testing.assert_close(stem[:12], -stem[12:])
+
+
+def test_gpu_recipe_runs_on_the_cpu(tmp_path, cifar_dir):
+    """airbench94's recipe, forced onto the CPU with the same functions the GPU runs (its
+    network, Lookahead, alternating flips, the whitening bias frozen after 3 epochs, 6-view
+    test-time augmentation), for a few steps: so that it cannot rot where no GPU is lent.
+    In fp32: fp16 on a CPU is emulated, some 20 times slower (its loss scale is checked
+    below). On 128 training images: the network is airbench94's, four times the CPU's."""
+    from bench.generated_data import make_cifar_dir
+
+    small = make_cifar_dir(tmp_path / "data", train_batches=1, per_batch=128, test=20)
+    result, metrics = train_and_read_metrics(tmp_path / "opt_ml", small.parent, [
+        "--model", "airbench", "--recipe", "cuda", "--precision", "fp32", "--epochs", "3.5",
+        "--batch-size", "32"])
+    tmp_path = tmp_path / "opt_ml"
+    assert metrics["recipe"] == "airbench94" and metrics["precision"] == "fp32"
+    assert "recipe=airbench94; (--recipe cuda: airbench94's recipe" in result.stdout
+    assert metrics["history"][-1]["steps"] == 14  # 4 steps of 32 an epoch
+    losses = [epoch["train_loss"] for epoch in metrics["history"]]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    state = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    assert state["body.blocks.2.4.weight"].shape[0] == 256  # airbench94's widths
+    meta = json.loads((tmp_path / "model" / "model_meta.json").read_text())
+    assert meta["network"] == {"widths": [64, 256, 256], "tta_level": 2}
+
+
+def test_fp16_loss_scale_is_divided_out():
+    """In fp16 the loss is scaled by the batch size before the backward pass (so that small
+    gradients do not underflow) and the optimiser divides the scale out: the step is the
+    unscaled one."""
+    torch.manual_seed(0)
+    steps = []
+    for scale in (1.0, 256.0):
+        torch.manual_seed(0)
+        model = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": [8, 16, 16]})
+        optimizer = train.SGD(train.parameter_groups(model, train.RECIPES["airbench"]["cuda"]),
+                              0.85, nesterov=True)
+        x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        for _ in range(2):
+            (torch.nn.functional.cross_entropy(model(x), y) * scale).backward()
+            optimizer.step(0.1, grad_scale=scale)
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for unscaled, scaled in zip(*steps, strict=True):
+        torch.testing.assert_close(scaled, unscaled, rtol=1e-4, atol=1e-6)
+
+
+def test_recipes_are_chosen_by_hardware(monkeypatch):
+    """The same --model gives the GPU recipe on CUDA and the CPU recipe elsewhere, says why,
+    and --recipe forces either. airbench94 trains in fp16 on any GPU (bf16 is Ampere and
+    later); the tutorial recipe keeps the hardware rule there."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    recipe, why = train.choose_recipe("airbench", "auto", gpu)
+    assert recipe.name == "airbench94" and why.startswith("cuda: airbench94's recipe")
+    recipe, why = train.choose_recipe("airbench", "auto", cpu)
+    assert recipe.name == "airbench-cpu" and why.startswith("cpu: no GPU")
+    assert train.choose_recipe("airbench", "cpu", gpu)[0].name == "airbench-cpu"
+    assert train.choose_recipe("tutorial", "cuda", cpu)[0].name == "tutorial"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    airbench94, tutorial = train.RECIPES["airbench"]["cuda"], train.RECIPES["tutorial"]["any"]
+    assert train.training_precision("auto", airbench94, gpu)[0] == "fp16"
+    assert train.training_precision("fp32", airbench94, gpu)[0] == "fp32"
+    assert train.training_precision("auto", tutorial, gpu)[0] == "fp32"
+    assert train.training_precision("auto", airbench94, cpu) == \
+        hardware.choose_precision("auto", cpu)
+
+
+def test_airbench_hyperparameters_convert_exactly():
+    """airbench's decoupled lr and weight decay (per 1024 summed examples) become the same
+    step on a mean loss: lr x weight decay per step is airbench's, whatever the batch."""
+    momentum, kilostep = 0.85, 1024 * (1 + 1 / (1 - 0.85))
+    for batch in (1024, 128):
+        sgd = train.airbench_sgd(lr=11.5, weight_decay=0.0153, momentum=momentum,
+                                 batch_size=batch)
+        # airbench: SGD(lr=11.5 / kilostep, weight_decay=0.0153 * batch / kilostep / lr) on a sum
+        torch_lr = 11.5 / kilostep
+        assert sgd["lr"] == pytest.approx(torch_lr * batch)
+        assert sgd["lr"] * sgd["weight_decay"] == pytest.approx(0.0153 * batch / kilostep)
+
+
+def test_lookahead_ends_on_its_average():
+    """Lookahead pulls the weights to its average every few steps and hands the average over
+    at the end; BatchNorm's running statistics are averaged too."""
+    torch.manual_seed(0)
+    model = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": [8, 16, 16]})
+    lookahead = train.Lookahead(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.add_(1.0)
+    lookahead.update(model, decay=0.75)  # a quarter of the way to the new weights
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, start[name] + 0.25)
+    assert train.Lookahead.decay_at(0, 100) == 0.0
+    assert train.Lookahead.decay_at(100, 100) == pytest.approx(0.95 ** 5)
 
 
 def test_missing_data_fails_with_reason(tmp_path):
@@ -289,31 +393,40 @@ def _npy(array: np.ndarray) -> bytes:
 
 def test_hand_written_sgd_matches_torch_optim():
     """The entry script's SGD (written out to avoid torch.optim's import of torch._dynamo) makes
-    exactly torch.optim.SGD's updates, weight decay on weights only. Both get the very same
-    gradients (computed once), so the exact comparison rests on the update arithmetic alone,
-    the same element-wise operations in the same order, and not on the forward and backward
-    passes of two models giving identical bits."""
+    exactly torch.optim.SGD's updates with airbench's two parameter groups (BatchNorm shifts
+    at 64x the learning rate, a 64th of the weight decay). Both get the very same gradients
+    (computed once), so the exact comparison rests on the update arithmetic alone, the same
+    element-wise operations in the same order, and not on the forward and backward passes of
+    two models giving identical bits. A frozen parameter stays as it is."""
+    recipe = train.RECIPES["airbench"]["cuda"]
     for nesterov, decay in [(False, 0.0), (True, 5e-4)]:
         torch.manual_seed(0)
-        ours = networks.build_model("airbench", [0.5] * 3, [0.25] * 3)
-        theirs = networks.build_model("airbench", [0.5] * 3, [0.25] * 3)
+        ours = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": [8, 16, 16]})
+        theirs = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": [8, 16, 16]})
         theirs.load_state_dict(ours.state_dict())
-        mine = train.SGD(list(ours.parameters()), 0.9, nesterov, decay)
-        params = list(theirs.parameters())
+        groups = train.parameter_groups(ours, dataclasses.replace(recipe, weight_decay=decay))
+        assert [len(params) for params, _, _ in groups] == [9, 6]  # 6 BatchNorm shifts
+        mine = train.SGD(groups, 0.9, nesterov)
+        mine.freeze(ours.body.stem.bias)
+        by_id = dict(zip(map(id, ours.parameters()), theirs.parameters(), strict=True))
         reference = torch.optim.SGD(
-            [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
-             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+            [{"params": [by_id[id(p)] for p in params if p is not ours.body.stem.bias],
+              "lr": 0.05 * scale, "weight_decay": group_decay}
+             for params, scale, group_decay in groups],
             lr=0.05, momentum=0.9, nesterov=nesterov)
+        stem_bias = ours.body.stem.bias.detach().clone()
         for _ in range(3):
             x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
             torch.nn.functional.cross_entropy(ours(x), y).backward()
-            for mine_param, their_param in zip(ours.parameters(), params, strict=True):
+            for mine_param, their_param in zip(ours.parameters(), theirs.parameters(),
+                                               strict=True):
                 their_param.grad = None if mine_param.grad is None else mine_param.grad.clone()
             mine.step(0.05)
             reference.step()
             reference.zero_grad()
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert torch.equal(ours.body.stem.bias, stem_bias)
 
 
 @pytest.mark.parametrize("architecture", ["tutorial", "airbench"])

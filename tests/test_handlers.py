@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     model = networks.build_model("tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
-    train.save_model(model, directory, "tutorial", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    train.save_model(model, directory, "tutorial", {}, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     return directory
 
 
@@ -128,6 +128,52 @@ def test_folding_the_normalisation_keeps_the_logits(architecture):
     scale = before.abs().max()
     assert scale > 0
     assert (after - before).abs().max() <= 1e-3 * scale
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_test_time_augmentation_averages_its_views(level):
+    """The Classifier's test-time augmentation, all views in one batch, gives the weighted
+    average of the views' logits one by one: the image and its mirror image (level 1), and
+    also both shifted one pixel up-left and down-right with reflected borders (level 2)."""
+    torch.manual_seed(0)
+    model = networks.build_model("airbench", [0.49, 0.48, 0.45], [0.25, 0.24, 0.26],
+                                 {"widths": [8, 16, 16], "tta_level": level}).eval()
+    images = torch.from_numpy(IMAGES)
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    views = [images, images.flip(-1)]
+    weights = [0.5, 0.5]
+    if level == 2:
+        up_left, down_right = padded[..., :32, :32], padded[..., 2:, 2:]
+        assert torch.equal(up_left[..., 1:, 1:], images[..., :31, :31])  # shifted, really
+        views += [up_left, up_left.flip(-1), down_right, down_right.flip(-1)]
+        weights = [0.25, 0.25] + [0.125] * 4
+    with torch.no_grad():
+        model.tta_level = 0
+        one_by_one = sum(w * model(v) for w, v in zip(weights, views, strict=True))
+        model.tta_level = level
+        batched = model(images)
+    scale = one_by_one.abs().max()
+    assert (batched - one_by_one).abs().max() <= 1e-4 * scale
+
+
+def test_airbench_models_saved_before_their_options_still_serve(tmp_path):
+    """model_meta.json of airbench models trained before the network's options were recorded
+    has no "network": such a model is built as it was trained (32/64/128 channels,
+    PyTorch's BatchNorm epsilon, mirror averaging), loads its weights and answers."""
+    torch.manual_seed(0)
+    legacy = networks.LEGACY_OPTIONS["airbench"]
+    model = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, legacy)
+    train.save_model(model, tmp_path, "airbench", {}, [0.5] * 3, [0.25] * 3)
+    meta = json.loads((tmp_path / contract.META_FILE).read_text())
+    del meta["network"]
+    (tmp_path / contract.META_FILE).write_text(json.dumps(meta))
+    served = inference.model_fn(str(tmp_path))
+    assert served.tta_level == 1 and served.body.head.in_features == 128
+    assert served.body.blocks[0][2].eps == 1e-5
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(IMAGES))
+        answer = served(torch.from_numpy(IMAGES))
+    assert (answer - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
 def test_folding_refuses_a_padded_input_convolution():
