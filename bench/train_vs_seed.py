@@ -220,7 +220,8 @@ def strong_rows(strong: dict[str, list[dict]], seed: dict | None) -> list[list[s
         met = accuracy >= target_accuracy and (target_wall is None or wall <= target_wall)
         target = f">= {target_accuracy:.0%}" + (f" in <= {target_wall:.0f} s" if target_wall
                                                  else "")
-        versus = f"{seed['wall_seconds'] / wall:.1f}x the seed's speed" if seed else "-"
+        versus = (f"seed notebook: {seed['test_accuracy']:.4f} in {seed['wall_seconds']:.0f} s"
+                  if seed else "-")
         rows.append([
             f"airbench ({runs[0]['recipe']}, {path}: ran {runs[0]['precision']} on "
             f"{runs[0]['device']}), median of {len(runs)} seeds",

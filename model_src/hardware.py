@@ -44,6 +44,8 @@ def cpu_bf16_support() -> tuple[bool, str]:
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """(precision, why) for ``--precision``: ``auto`` takes bf16 only where it is native (a
     CUDA device with bf16, or a CPU with AVX-512 BF16 / AMX), fp32 everywhere else."""
+    if requested == "fp16" and device.type == "cpu":
+        return requested, "--precision fp16 (a CPU emulates fp16: some 20 times slower than fp32)"
     if requested != "auto":
         return requested, f"--precision {requested}"
     if device.type == "cuda":

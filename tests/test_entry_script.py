@@ -288,6 +288,8 @@ def test_recipes_are_chosen_by_hardware(monkeypatch):
     assert train.training_precision("auto", tutorial, gpu)[0] == "fp32"
     assert train.training_precision("auto", airbench94, cpu) == \
         hardware.choose_precision("auto", cpu)
+    # fp16 forced onto a CPU is honoured, and the plan line says what it costs there.
+    assert "emulates fp16" in train.training_precision("fp16", airbench94, cpu)[1]
 
 
 def test_airbench_hyperparameters_convert_exactly():
