@@ -44,21 +44,30 @@ def run(http_server, cifar_tarball, **overrides):
 
 
 @pytest.fixture(scope="module")
-def first_run(module_pipeline_home, prefect_harness, http_server, cifar_tarball, http_log):
+def first_and_second_run(module_pipeline_home, prefect_harness, http_server, cifar_tarball,
+                         http_log):
+    """The first run, and the same run again right after it: in one fixture, because the
+    module's other tests download other data and delete trained models in any order, and
+    none of them may come between the two. ((first state, its HTTP requests), (second state,
+    its HTTP requests, the training jobs before it and after it))."""
     before = len(http_log)
-    state = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
-    return state, http_log[before:]
+    first = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
+    first_requests = http_log[before:]
+    trained_jobs = jobs(module_pipeline_home)
+    before = len(http_log)
+    second = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
+    return ((first, first_requests),
+            (second, http_log[before:], trained_jobs, jobs(module_pipeline_home)))
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, module_pipeline_home, prefect_harness, http_server, cifar_tarball,
-               http_log):
-    """The same run again: (its state, its HTTP requests, the training jobs before it and
-    after it: taken here, since other tests of the module train in any order)."""
-    trained_jobs = jobs(module_pipeline_home)
-    before = len(http_log)
-    state = cifar10_pipeline(local_config(http_server, cifar_tarball), return_state=True)
-    return state, http_log[before:], trained_jobs, jobs(module_pipeline_home)
+def first_run(first_and_second_run):
+    return first_and_second_run[0]
+
+
+@pytest.fixture(scope="module")
+def second_run(first_and_second_run):
+    return first_and_second_run[1]
 
 
 def test_flow_runs_every_stage_and_tears_down(first_run):
