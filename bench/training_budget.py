@@ -38,11 +38,16 @@ CPU_BUDGET_SECONDS = 600.0
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}
 
 
-def network_flops(widths: list[int]) -> tuple[float, float]:
-    """(forward FLOPs, forward + backward FLOPs) of one image, as training runs it: the
-    whitening stem frozen, everything after it trained."""
+def training_network(widths: list[int]) -> networks.Classifier:
+    """The airbench network as training runs it: the whitening stem frozen, channels-last."""
     model = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": widths})
     model.body.stem.requires_grad_(False)
+    return model.to(memory_format=torch.channels_last)
+
+
+def network_flops(widths: list[int]) -> tuple[float, float]:
+    """(forward FLOPs, forward + backward FLOPs) of one training image."""
+    model = training_network(widths)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     with FlopCounterMode(display=False) as forward, torch.no_grad():
         model.body(x)
@@ -51,12 +56,11 @@ def network_flops(widths: list[int]) -> tuple[float, float]:
     return forward.get_total_flops() / 8, both.get_total_flops() / 8
 
 
-def throughput(widths: list[int], batch: int, precision: str) -> float:
-    """Training FLOP/s of this machine on the network: timed steps after two warm-up steps."""
+def seconds_per_image(widths: list[int], batch: int, precision: str) -> float:
+    """This machine's training time per image on the network: timed steps after two
+    warm-up steps."""
     torch.manual_seed(0)
-    model = networks.build_model("airbench", [0.5] * 3, [0.25] * 3, {"widths": widths})
-    model.body.stem.requires_grad_(False)
-    model = model.to(memory_format=torch.channels_last)
+    model = training_network(widths)
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     dtype = HALF_DTYPES.get(precision)
@@ -72,8 +76,7 @@ def throughput(widths: list[int], batch: int, precision: str) -> float:
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    seconds = (time.perf_counter() - started) / steps
-    return network_flops(widths)[1] * batch / seconds
+    return (time.perf_counter() - started) / steps / batch
 
 
 def recipe_rows(precisions: list[str]) -> list[list[str]]:
@@ -88,7 +91,7 @@ def recipe_rows(precisions: list[str]) -> list[list[str]]:
         views = TTA_VIEWS[recipe.network.get("tta_level", 2)]
         total = both * TRAIN_IMAGES * recipe.epochs + forward * TEST_IMAGES * views
         for precision in precisions:
-            rate = throughput(widths, min(recipe.batch_size, 512), precision)
+            rate = both / seconds_per_image(widths, min(recipe.batch_size, 512), precision)
             seconds = total / rate
             rows.append([
                 f"{recipe.name}: {'/'.join(map(str, widths))}, {recipe.epochs:g} epochs, "

@@ -151,11 +151,16 @@ class Classifier(nn.Module):
         logits = self.body(torch.cat(views), input_conv).view(len(views), len(x), -1)
         return torch.einsum("v,vnc->nc", weights.to(logits.dtype).to(logits.device), logits)
 
+    @property
+    def input_layer(self) -> nn.Conv2d:
+        """The body's first convolution (the one normalisation folds into)."""
+        return getattr(self.body, self.body.INPUT_CONV)
+
     def normalising_input_conv(self) -> WeightAndBias:
         """The input convolution's weight and bias for raw pixels: conv(w, (x - m) / s) =
         conv(w / s, x) + b', with b' = b - sum(w * m / s). Exact because that convolution
         pads nothing (a padded border would be 0 in raw pixels, not in normalised ones)."""
-        conv = getattr(self.body, self.body.INPUT_CONV)
+        conv = self.input_layer
         if any(conv.padding) or conv.bias is None:
             raise ValueError("can only fold normalisation into an unpadded convolution with bias")
         scale, shift = 1 / self.std, -self.mean / self.std  # x_norm = x * scale + shift
@@ -166,7 +171,7 @@ class Classifier(nn.Module):
         """For serving: stores normalising_input_conv() as the input convolution's weights,
         so requests skip even that. The state_dict no longer holds trained weights
         afterwards: fold only a model that serves."""
-        conv = getattr(self.body, self.body.INPUT_CONV)
+        conv = self.input_layer
         weight, bias = self.normalising_input_conv()
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)

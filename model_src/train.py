@@ -580,7 +580,7 @@ def freeze_input_conv_bias(run: TrainingSession) -> None:
     only). On one host it stops needing a gradient, and the backward pass then ends at the
     first block's weights: about a tenth less work a step. Under DistributedDataParallel the
     optimiser leaves it alone instead (DDP expects the gradients it was built with)."""
-    bias = getattr(run.model.body, run.model.body.INPUT_CONV).bias
+    bias = run.model.input_layer.bias
     if run.world_size == 1:
         bias.requires_grad_(False)
     else:
